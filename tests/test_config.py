@@ -49,11 +49,11 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
 @pytest.mark.parametrize(
     "text, overrides, must_mention",
     [
-        ("inner:\n  dept: 3\n", [], ["inner.dept", "depth"]),          # typo'd key lists valid ones
-        ("", ["inner.depth=three"], ["inner.depth", "three"]),          # wrong type
-        ("", ["inner.depth=0"], ["inner", "depth=0", ">= 1"]),          # invalid value from __post_init__
+        ("inner:\n  dept: 3\n", [], ["inner.dept", "depth"]),  # typo'd key lists valid ones
+        ("", ["inner.depth=three"], ["inner.depth", "three"]),  # wrong type
+        ("", ["inner.depth=0"], ["inner", "depth=0", ">= 1"]),  # invalid value from __post_init__
         ("", ["inner.kind=diffusion"], ["inner", "'diffusion'", "flow"]),
-        ("", ["lr"], ["lr", "key=value"]),                               # malformed override
+        ("", ["lr"], ["lr", "key=value"]),  # malformed override
     ],
 )
 def test_bad_config_names_key_value_and_allowed(tmp_path, text, overrides, must_mention):
