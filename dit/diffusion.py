@@ -1,0 +1,516 @@
+"""Diffusion processes: DDPM (eps, v or x0 prediction) and flow matching, their training loss and the VLB.
+
+Both processes speak the DiT's time convention (ARCHITECTURE.md): a float timestep t in [0, 1000], the
+DDPM step index (0 = least noise) or 1000 * sigma for flow matching. Every method takes t either per
+sample (B,) or per position (B, T', H', W') and broadcasts it over the channels.
+
+  DDPM:  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   abar_t = prod_{s <= t} (1 - beta_s)
+  flow:  x_s = (1 - sigma) x0 + sigma eps,                velocity target v = eps - x0
+
+Schedules and all DDPM coefficients are computed in float64 and applied in float32; the training loss is
+computed in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from dit.conditioning import model_timesteps, position_mask
+
+Model = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""model(x (B, C, T', H', W'), t (B,) | (B, T') | (B, L), text (B, S, Dt), text_mask (B, S)) -> prediction."""
+
+SCHEDULES = ("linear", "cosine", "cos2")
+PREDICTIONS = ("eps", "v", "x0")
+SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+MAX_BETA = 0.999  # clip of the alphabar-derived schedules (Nichol & Dhariwal): keeps abar_T > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def broadcast_to(values: Tensor, x: Tensor) -> Tensor:
+    """Per-sample (B,) or per-position (B, T', H', W') values -> broadcastable against x (B, C, ...)."""
+    if values.ndim == 1:
+        return values.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)  # (B, 1, ..., 1)
+    if values.shape == (x.shape[0], *x.shape[2:]):
+        return values[:, None].to(x.dtype)  # (B, 1, T', H', W')
+    raise ValueError(f"timesteps of shape {tuple(values.shape)} do not fit x of shape {tuple(x.shape)}")
+
+
+def draw_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Gaussian noise shaped like x, drawn on the generator's device so a seed means the same everywhere."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def num_tokens(latent_shape: Sequence[int], patch_size: Sequence[int]) -> int:
+    """L = (T'/pt)(H'/ph)(W'/pw) for latents of shape (B, C, T', H', W')."""
+    return math.prod(size // patch for size, patch in zip(latent_shape[2:], patch_size, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDPM schedules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Ho et al. 2020: betas linear from 1e-4 to 0.02, scaled so that other T keep the same abar_T."""
+    scale = 1000 / num_timesteps
+    return torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
+
+
+def betas_from_alphabar(alphabar: Callable[[Tensor], Tensor], num_timesteps: int) -> Tensor:
+    """beta_t = 1 - abar(t/T) / abar((t-1)/T) for t = 1..T, clipped at MAX_BETA."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps  # (T + 1,)
+    values = alphabar(steps)
+    return (1 - values[1:] / values[:-1]).clamp(max=MAX_BETA)
+
+
+def cosine_betas(num_timesteps: int, offset: float = 0.008) -> Tensor:
+    """Nichol & Dhariwal 2021: abar(u) = cos^2(pi/2 (u + s)/(1 + s)); the offset s keeps beta_1 from 0."""
+    return betas_from_alphabar(
+        lambda u: torch.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2, num_timesteps
+    )
+
+
+def cos2_betas(num_timesteps: int) -> Tensor:
+    """The simple form abar_t = cos^2(pi t / 2T) (no offset); the clip makes abar_T small, not 0."""
+    return betas_from_alphabar(lambda u: torch.cos(u * math.pi / 2) ** 2, num_timesteps)
+
+
+BETA_SCHEDULES: dict[str, Callable[[int], Tensor]] = {
+    "linear": linear_betas,
+    "cosine": cosine_betas,
+    "cos2": cos2_betas,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDPM
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DDPM:
+    """Discrete-time Gaussian diffusion. Timestep t in {0, ..., T-1} is the paper's step t + 1."""
+
+    schedule: str = "linear"
+    prediction: str = "eps"
+    num_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: must be one of {SCHEDULES}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={self.prediction!r}: must be one of {PREDICTIONS}")
+        if self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps={self.num_timesteps}: must be >= 2")
+        if float(self.betas.max()) >= 1:
+            # The linear schedule scales beta_end = 0.02 * 1000 / T, which passes 1 below T = 20.
+            raise ValueError(
+                f"num_timesteps={self.num_timesteps}: too few for schedule={self.schedule!r} (a beta >= 1)"
+            )
+
+    @cached_property
+    def betas(self) -> Tensor:
+        return BETA_SCHEDULES[self.schedule](self.num_timesteps)  # (T,) float64
+
+    @cached_property
+    def alphas_cumprod(self) -> Tensor:
+        return torch.cumprod(1 - self.betas, dim=0)  # (T,) float64
+
+    @cached_property
+    def _alphabar_from_minus_one(self) -> Tensor:
+        return torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # (T + 1,)
+
+    def alphabar(self, t: Tensor) -> Tensor:
+        """abar at integer-valued timesteps; t = -1 (before the first step) gives 1, the clean data."""
+        return self._alphabar_from_minus_one.to(t.device)[t.round().long() + 1]
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Sample q(x_t | x0) in closed form."""
+        abar = broadcast_to(self.alphabar(t), x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
+        abar, abar_prev = self.alphabar(t), self.alphabar(t - 1)
+        beta = 1 - abar / abar_prev
+        coef_x0 = broadcast_to(abar_prev.sqrt() * beta / (1 - abar), x0)
+        coef_xt = broadcast_to((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar), x0)
+        variance = broadcast_to(beta * (1 - abar_prev) / (1 - abar), x0)
+        return coef_x0 * x0 + coef_xt * x_t, variance
+
+    def convert(self, pred: Tensor, x_t: Tensor, t: Tensor, *, source: str, target: str) -> Tensor:
+        """Re-express a prediction of `source` type (eps, v or x0) as `target`, given x_t."""
+        abar = broadcast_to(self.alphabar(t), x_t)
+        a, b = abar.sqrt(), (1 - abar).sqrt()  # x_t = a x0 + b eps, v = a eps - b x0, a^2 + b^2 = 1
+        if source == "eps":
+            x0, eps = (x_t - b * pred) / a, pred
+        elif source == "x0":
+            x0, eps = pred, (x_t - a * pred) / b
+        elif source == "v":
+            x0, eps = a * x_t - b * pred, b * x_t + a * pred
+        else:
+            raise ValueError(f"source={source!r}: must be one of {PREDICTIONS}")
+        outputs = {"eps": eps, "x0": x0, "v": a * eps - b * x0}
+        if target not in outputs:
+            raise ValueError(f"target={target!r}: must be one of {PREDICTIONS}")
+        return outputs[target]
+
+    def to_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The model's prediction as (x0, eps)."""
+        x0 = self.convert(pred, x_t, t, source=self.prediction, target="x0")
+        eps = self.convert(pred, x_t, t, source=self.prediction, target="eps")
+        return x0, eps
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        abar = broadcast_to(self.alphabar(t), x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+    def add_score(self, pred: Tensor, x_t: Tensor, t: Tensor, score: Tensor) -> Tensor:
+        """The prediction after adding `score` to grad log p(x_t): eps = -sqrt(1 - abar) * score."""
+        eps = self.convert(pred, x_t, t, source=self.prediction, target="eps")
+        eps = eps - broadcast_to((1 - self.alphabar(t)).sqrt(), x_t) * score
+        return self.convert(eps, x_t, t, source="eps", target=self.prediction)
+
+    def sample_timesteps(
+        self, batch: int, *, tokens: int, generator: torch.Generator | None, device: torch.device
+    ) -> Tensor:
+        """Training timesteps, uniform over {0, ..., T-1}, as floats (B,). `tokens` is unused here."""
+        t = torch.randint(
+            0, self.num_timesteps, (batch,), generator=generator, device=_device(generator, device)
+        )
+        return t.to(device=device, dtype=torch.float32)
+
+
+def _device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    return generator.device if generator is not None else device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flow matching (rectified flow)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
+    """sigma' = s sigma / (1 + (s - 1) sigma): s > 1 spends more time at high noise, endpoints fixed."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+@dataclass(frozen=True)
+class FlowMatching:
+    """x_sigma = (1 - sigma) x0 + sigma eps with velocity target eps - x0; t = 1000 sigma for the model.
+
+    The timestep shift is `shift` or, with `dynamic_shift`, set from the token count L of the latents:
+        log s = min_log_shift + (max_log_shift - min_log_shift) * clamp((L - min_tokens) / (max_tokens - min_tokens), 0, 1)
+    i.e. log s linear in L between two anchors (SD3/Flux use (256, 0.5) and (4096, 1.15)), held constant
+    outside them so that very long videos do not get an unbounded shift.
+    """
+
+    shift: float = 1.0
+    dynamic_shift: bool = False
+    min_tokens: int = 256
+    max_tokens: int = 4096
+    min_log_shift: float = 0.5
+    max_log_shift: float = 1.15
+    sigma_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    num_timesteps: int = 1000
+
+    prediction = "velocity"  # a class constant, not a field: flow matching always predicts eps - x0
+
+    def __post_init__(self) -> None:
+        if self.shift <= 0:
+            raise ValueError(f"shift={self.shift}: must be > 0")
+        if not 0 < self.min_tokens < self.max_tokens:
+            raise ValueError(
+                f"min_tokens={self.min_tokens}, max_tokens={self.max_tokens}: need 0 < min_tokens < max_tokens"
+            )
+        if self.sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(f"sigma_sampling={self.sigma_sampling!r}: must be one of {SIGMA_SAMPLINGS}")
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std={self.logit_std}: must be > 0")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps={self.num_timesteps}: must be >= 1")
+
+    def shift_for(self, tokens: int) -> float:
+        """The timestep shift for latents of `tokens` tokens (fixed unless dynamic_shift)."""
+        if not self.dynamic_shift:
+            return self.shift
+        frac = min(max((tokens - self.min_tokens) / (self.max_tokens - self.min_tokens), 0.0), 1.0)
+        return math.exp(self.min_log_shift + (self.max_log_shift - self.min_log_shift) * frac)
+
+    def sigma(self, t: Tensor | float) -> Tensor | float:
+        return t / self.num_timesteps
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        sigma = broadcast_to(self.sigma(t), x0)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return noise - x0
+
+    def to_x0_eps(self, velocity: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x = x0 + sigma v, so x0 = x - sigma v and eps = x0 + v."""
+        sigma = broadcast_to(self.sigma(t), x)
+        x0 = x - sigma * velocity
+        return x0, x0 + velocity
+
+    def add_score(self, velocity: Tensor, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+        """The velocity after adding `score` to grad log p(x).
+
+        eps = -sigma * score and v = (eps - x) / (1 - sigma), so v moves by -sigma / (1 - sigma) * score.
+        At sigma = 1 the sample holds no information about x0 and the term is left out.
+        """
+        sigma = broadcast_to(self.sigma(t), x)
+        factor = torch.where(sigma < 1, sigma / (1 - sigma).clamp(min=1e-12), torch.zeros_like(sigma))
+        return velocity - factor * score
+
+    def sample_timesteps(
+        self, batch: int, *, tokens: int, generator: torch.Generator | None, device: torch.device
+    ) -> Tensor:
+        """Training timesteps 1000 sigma (B,), sigma uniform or logit-normal, then shifted."""
+        where = _device(generator, device)
+        if self.sigma_sampling == "uniform":
+            sigma = torch.rand(batch, generator=generator, device=where)
+        else:
+            normal = torch.randn(batch, generator=generator, device=where)
+            sigma = torch.sigmoid(self.logit_mean + self.logit_std * normal)
+        sigma = shift_sigma(sigma.double(), self.shift_for(tokens))
+        return (self.num_timesteps * sigma).to(device=device, dtype=torch.float32)
+
+    def sampling_sigmas(self, steps: int, *, tokens: int) -> Tensor:
+        """steps + 1 noise levels from 1 down to 0: uniform in sigma, then shifted. float64."""
+        sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)  # (steps + 1,)
+        return shift_sigma(sigmas, self.shift_for(tokens))
+
+
+Process = DDPM | FlowMatching
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionConfig:
+    """Which diffusion process the DiT is trained and sampled with."""
+
+    process: str = "flow"
+    """'flow' (rectified flow, velocity target) or 'ddpm' (Gaussian diffusion)."""
+    num_timesteps: int = 1000
+    """DDPM steps T; for flow, the scale of the model timestep 1000 sigma."""
+    schedule: str = "linear"
+    """DDPM beta schedule: 'linear', 'cosine' or 'cos2'."""
+    prediction: str = "eps"
+    """DDPM model output: 'eps', 'v' or 'x0' (flow always predicts the velocity)."""
+    shift: float = 1.0
+    """Flow timestep shift s in sigma' = s sigma / (1 + (s - 1) sigma), used when dynamic_shift is off."""
+    dynamic_shift: bool = False
+    """Flow: set the shift from the token count between the two anchors below."""
+    min_tokens: int = 256
+    """Flow dynamic shift: token count of the first anchor."""
+    max_tokens: int = 4096
+    """Flow dynamic shift: token count of the second anchor."""
+    min_log_shift: float = 0.5
+    """Flow dynamic shift: log shift at min_tokens (and below)."""
+    max_log_shift: float = 1.15
+    """Flow dynamic shift: log shift at max_tokens (and above)."""
+    sigma_sampling: str = "logit_normal"
+    """Flow training noise levels: 'uniform' or 'logit_normal' (SD3)."""
+    logit_mean: float = 0.0
+    """Flow logit-normal location."""
+    logit_std: float = 1.0
+    """Flow logit-normal scale."""
+
+    def __post_init__(self) -> None:
+        if self.process not in ("flow", "ddpm"):
+            raise ValueError(f"process={self.process!r}: must be 'flow' or 'ddpm'")
+        build_process(self)  # the process validates its own fields, named as here
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> DiffusionConfig:
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r}: unknown; valid presets are {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+def build_process(cfg: DiffusionConfig) -> Process:
+    if cfg.process == "ddpm":
+        return DDPM(schedule=cfg.schedule, prediction=cfg.prediction, num_timesteps=cfg.num_timesteps)
+    return FlowMatching(
+        shift=cfg.shift,
+        dynamic_shift=cfg.dynamic_shift,
+        min_tokens=cfg.min_tokens,
+        max_tokens=cfg.max_tokens,
+        min_log_shift=cfg.min_log_shift,
+        max_log_shift=cfg.max_log_shift,
+        sigma_sampling=cfg.sigma_sampling,
+        logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std,
+        num_timesteps=cfg.num_timesteps,
+    )
+
+
+PRESETS: dict[str, DiffusionConfig] = {
+    "debug": DiffusionConfig(process="flow", sigma_sampling="uniform"),
+    "flow": DiffusionConfig(process="flow", dynamic_shift=True),
+    "wan": DiffusionConfig(process="flow", shift=5.0),  # Wan 2.1's fixed sampling shift
+    "ddpm": DiffusionConfig(process="ddpm", schedule="linear", prediction="eps"),
+    "ddpm_cosine_v": DiffusionConfig(process="ddpm", schedule="cosine", prediction="v"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def masked_mse(pred: Tensor, target: Tensor, cond_mask: Tensor | None) -> Tensor:
+    """Mean squared error per sample (B,) over the positions that are not conditioned."""
+    error = (pred.float() - target.float()).pow(2).mean(dim=1)  # (B, T', H', W')
+    if cond_mask is None:
+        return error.flatten(1).mean(dim=1)
+    free = (~cond_mask).float()  # (B, T', H', W')
+    return (error * free).flatten(1).sum(dim=1) / free.flatten(1).sum(dim=1).clamp(min=1)
+
+
+def training_loss(
+    model: Model,
+    x0: Tensor,
+    *,
+    process: Process,
+    text: Tensor,
+    text_mask: Tensor,
+    cond_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One training loss: noise x0 (B, C, T', H', W'), predict, compare on the non-conditioned positions.
+
+    Conditioned positions (cond_mask True) keep their clean latents, get timestep 0 and add nothing to the
+    loss. Returns the scalar loss and detached logs.
+    """
+    t = process.sample_timesteps(
+        x0.shape[0], tokens=num_tokens(x0.shape, patch_size), generator=generator, device=x0.device
+    )  # (B,)
+    noise = draw_noise(x0, generator)  # (B, C, T', H', W')
+    x_t = process.add_noise(x0, noise, t)
+    target = process.training_target(x0, noise, t)
+    if cond_mask is not None:
+        cond_mask = cond_mask.to(x0.device)  # mask samplers build it on the CPU
+        x_t = torch.where(position_mask(cond_mask), x0, x_t)
+    pred = model(x_t, model_timesteps(t, cond_mask, patch_size), text, text_mask)
+    per_sample = masked_mse(pred, target, cond_mask)  # (B,)
+    cond_fraction = cond_mask.float().mean() if cond_mask is not None else torch.zeros((), device=x0.device)
+    logs = {"loss": per_sample.mean().detach(), "timestep_mean": t.mean(), "cond_fraction": cond_fraction}
+    return per_sample.mean(), logs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variational bound in bits per dimension (DDPM, data in [-1, 1] on 256 levels)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp() - 1)
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log P(x) per element for x on the 256 levels of [-1, 1], bins of width 2/255, open-ended edges."""
+    half_bin = 1.0 / 255
+    inv_std = torch.exp(-log_scale)
+    cdf_upper = torch.special.ndtr(inv_std * (x - mean + half_bin))
+    cdf_lower = torch.special.ndtr(inv_std * (x - mean - half_bin))
+    upper = torch.where(x > 0.999, torch.ones_like(cdf_upper), cdf_upper)
+    lower = torch.where(x < -0.999, torch.zeros_like(cdf_lower), cdf_lower)
+    return torch.log((upper - lower).clamp(min=1e-12))
+
+
+def _per_dim_bits(nats: Tensor) -> Tensor:
+    return nats.flatten(1).mean(dim=1) / math.log(2)  # (B,)
+
+
+def prior_bpd(process: DDPM, x0: Tensor) -> Tensor:
+    """L_T = KL(q(x_T | x0) || N(0, I)) in bits per dimension (B,)."""
+    t_last = torch.full((x0.shape[0],), process.num_timesteps - 1, device=x0.device)
+    abar = broadcast_to(process.alphabar(t_last), x0).double()
+    kl = normal_kl(abar.sqrt() * x0.double(), (1 - abar).log(), torch.zeros(()), torch.zeros(()))
+    return _per_dim_bits(kl)
+
+
+def _model_log_variance(process: DDPM, t: Tensor, variance: str) -> Tensor:
+    """log of the fixed reverse variance (B,): beta_t ('beta') or the posterior's beta~_t ('beta_tilde').
+
+    beta~ is 0 at t = 0, so both take beta~ of the next step there (DDPM's clipped log variance).
+    """
+    if variance not in ("beta", "beta_tilde"):
+        raise ValueError(f"variance={variance!r}: must be 'beta' or 'beta_tilde'")
+    abar, abar_prev = process.alphabar(t), process.alphabar(t - 1)
+    beta = 1 - abar / abar_prev
+    posterior = beta * (1 - abar_prev) / (1 - abar)
+    abar_1, abar_0 = process.alphas_cumprod[1], process.alphas_cumprod[0]
+    posterior_1 = (1 - abar_1 / abar_0) * (1 - abar_0) / (1 - abar_1)
+    chosen = beta if variance == "beta" else posterior
+    return torch.where(t == 0, posterior_1.to(t.device), chosen).log()
+
+
+def vlb_term_bpd(
+    process: DDPM, pred: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, *, variance: str = "beta_tilde"
+) -> Tensor:
+    """L_t in bits per dimension (B,): the decoder NLL L_0 at t = 0, else KL(q(x_{t-1} | x_t, x0) || p).
+
+    p(x_{t-1} | x_t) has the mean implied by the model's prediction and a fixed variance; t is (B,).
+    """
+    x0, pred, x_t = x0.double(), pred.double(), x_t.double()
+    true_mean, true_var = process.q_posterior(x0, x_t, t)
+    model_mean, _ = process.q_posterior(process.to_x0_eps(pred, x_t, t)[0], x_t, t)
+    log_var = broadcast_to(_model_log_variance(process, t, variance), x0)
+    # The clamp only avoids log(0) at t = 0, where the KL is replaced by the decoder NLL.
+    kl = normal_kl(true_mean, true_var.clamp(min=1e-30).log(), model_mean, log_var)
+    nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * log_var)
+    return torch.where(t == 0, _per_dim_bits(nll), _per_dim_bits(kl))
+
+
+@torch.no_grad()
+def bits_per_dim(
+    model: Model,
+    x0: Tensor,
+    *,
+    process: DDPM,
+    text: Tensor,
+    text_mask: Tensor,
+    variance: str = "beta_tilde",
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The full variational bound in bits per dimension, one model call per timestep (evaluation only).
+
+    x0 (B, C, T', H', W') must be data in [-1, 1] quantised to 256 levels. Returns 'total' (B,),
+    'prior' (B,) and 'terms' (B, T) with terms[:, t] = L_t.
+    """
+    terms = []
+    for step in range(process.num_timesteps):
+        t = torch.full((x0.shape[0],), float(step), device=x0.device)  # (B,)
+        x_t = process.add_noise(x0, draw_noise(x0, generator), t)
+        pred = model(x_t, t, text, text_mask)
+        terms.append(vlb_term_bpd(process, pred, x0, x_t, t, variance=variance))
+    terms_bpd = torch.stack(terms, dim=1)  # (B, T)
+    prior = prior_bpd(process, x0)  # (B,)
+    return {"total": prior + terms_bpd.sum(dim=1), "prior": prior, "terms": terms_bpd}

@@ -1,0 +1,369 @@
+"""Samplers: DDPM ancestral, DDIM, flow Euler and flow Heun, with classifier-free and classifier guidance.
+
+One entry point, `sample`, runs a short loop over a time grid; each iteration asks `predict` for the
+(guided) model output and hands it to a pure one-step function. Conditioned positions (a
+`dit.conditioning.Condition`) are written back after every step, so they come out bit-identical.
+Sampler state is float32 whatever the model's dtype.
+
+Time grids (model timesteps, descending, ending at a terminal value that is never evaluated):
+  ddpm / ddim: DDPM step indices, 'leading' (0, k, 2k, ... reversed, k = T // steps) or 'trailing'
+               (round(T - i T / steps) - 1, starting at T - 1), then -1 (the clean data).
+  euler / heun: 1000 sigma with sigma uniform from 1 to 0 in `steps` intervals, then shifted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dit.conditioning import model_timesteps, position_mask, sdedit_start_step
+from dit.diffusion import DDPM, FlowMatching, Model, Process, draw_noise, num_tokens
+
+SAMPLERS = {"ddpm": DDPM, "ddim": DDPM, "euler": FlowMatching, "heun": FlowMatching}
+SPACINGS = ("leading", "trailing")
+DDPM_VARIANCES = ("beta", "beta_tilde")
+
+ClassifierLogProb = Callable[[Tensor, Tensor], Tensor]
+"""log p(y | x_t, t): x_t (B, C, T', H', W') and the model timesteps -> (B,); differentiable in x_t."""
+Callback = Callable[[int, float, Tensor], None]
+"""callback(step index, model timestep of that step, x after the step (B, C, T', H', W'))."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Time grids
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ddpm_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
+    """`steps` DDPM step indices, descending, followed by the terminal -1."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps={steps}: must be in [1, num_timesteps={num_timesteps}]")
+    if spacing == "leading":
+        ratio = num_timesteps // steps
+        grid = [i * ratio for i in reversed(range(steps))]
+    elif spacing == "trailing":
+        grid = [round(num_timesteps - i * num_timesteps / steps) - 1 for i in range(steps)]
+    else:
+        raise ValueError(f"spacing={spacing!r}: must be one of {SPACINGS}")
+    return [*grid, -1]
+
+
+def time_grid(process: Process, steps: int, *, spacing: str = "leading", tokens: int = 0) -> list[float]:
+    """steps + 1 model timesteps, descending; the last is the terminal level (-1 for DDPM, 0 for flow)."""
+    if isinstance(process, DDPM):
+        return [float(t) for t in ddpm_timesteps(process.num_timesteps, steps, spacing)]
+    sigmas = process.sampling_sigmas(steps, tokens=tokens)
+    return [process.num_timesteps * float(sigma) for sigma in sigmas]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step each (pure)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _abar(process: DDPM, t: float) -> float:
+    """abar at one step index, from the float64 table (1 at the terminal t = -1)."""
+    return float(process.alphabar(torch.tensor([t]))[0])
+
+
+def ddpm_step(
+    x: Tensor,
+    pred: Tensor,
+    *,
+    process: DDPM,
+    t: float,
+    t_prev: float,
+    noise: Tensor | None,
+    variance: str = "beta_tilde",
+) -> Tensor:
+    """Ancestral step x_t -> x_{t_prev} of the (respaced) chain with sigma^2 = beta or beta~.
+
+    With respacing, beta = 1 - abar_t / abar_prev is the beta of the jump t -> t_prev. `noise` is ignored
+    (and may be None) at the final step, t_prev < 0.
+    """
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"variance={variance!r}: must be one of {DDPM_VARIANCES}")
+    x0, _ = process.to_x0_eps(pred, x, torch.full((x.shape[0],), t, device=x.device))
+    abar, abar_prev = _abar(process, t), _abar(process, t_prev)
+    beta = 1 - abar / abar_prev
+    mean = (abar_prev**0.5 * beta / (1 - abar)) * x0 + ((1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar)) * x
+    if t_prev < 0:
+        return mean
+    sigma_sq = beta if variance == "beta" else beta * (1 - abar_prev) / (1 - abar)
+    return mean + sigma_sq**0.5 * noise
+
+
+def ddim_step(
+    x: Tensor,
+    pred: Tensor,
+    *,
+    process: DDPM,
+    t: float,
+    t_prev: float,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """DDIM step (Song et al. 2021): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z.
+
+    s = eta * sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)); eta = 0 is deterministic,
+    eta = 1 is the ancestral sampler. `noise` is needed only when s > 0.
+    """
+    x0, eps = process.to_x0_eps(pred, x, torch.full((x.shape[0],), t, device=x.device))
+    abar, abar_prev = _abar(process, t), _abar(process, t_prev)
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
+    x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
+    return x_prev + sigma * noise if sigma > 0 else x_prev
+
+
+def euler_step(x: Tensor, velocity: Tensor, *, sigma: float, sigma_next: float) -> Tensor:
+    """Flow ODE dx/dsigma = v, one Euler step."""
+    return x + (sigma_next - sigma) * velocity
+
+
+def heun_step(
+    x: Tensor,
+    velocity: Tensor,
+    *,
+    sigma: float,
+    sigma_next: float,
+    predict: Callable[[Tensor, float], Tensor],
+) -> Tensor:
+    """Heun's second-order step: Euler, then average the slopes at both ends (Karras et al. 2022).
+
+    `predict(x, sigma)` gives the velocity. The last step to sigma = 0 stays Euler (no model call at 0).
+    """
+    x_euler = euler_step(x, velocity, sigma=sigma, sigma_next=sigma_next)
+    if sigma_next == 0:
+        return x_euler
+    velocity_next = predict(x_euler, sigma_next)
+    return x + (sigma_next - sigma) * 0.5 * (velocity + velocity_next)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Guidance
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
+    """Lin et al. 2023: scale the guided prediction to the conditional one's std per sample, then blend."""
+    dims = list(range(1, guided.ndim))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * matched + (1 - rescale) * guided
+
+
+def classifier_score(log_prob: ClassifierLogProb, x: Tensor, t_model: Tensor) -> Tensor:
+    """grad_x log p(y | x_t, t) (B, C, T', H', W'), computed even when sampling runs under no_grad."""
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(log_prob(x_in, t_model).sum(), x_in)
+    return grad
+
+
+def _pad_text(text: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Pad (B, S, Dt) text and its (B, S) mask to `length` tokens; padding is masked out."""
+    extra = length - text.shape[1]
+    text = torch.cat([text, text.new_zeros(text.shape[0], extra, text.shape[2])], dim=1)  # (B, S', Dt)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)  # (B, S')
+    return text, mask
+
+
+@dataclass
+class _Denoiser:
+    """The model plus everything that turns its raw output into the prediction a step uses."""
+
+    model: Model
+    process: Process
+    text: Tensor
+    text_mask: Tensor
+    neg_text: Tensor | None
+    neg_mask: Tensor | None
+    guidance_scale: float
+    guidance_rescale: float
+    cond_mask: Tensor | None
+    classifier_log_prob: ClassifierLogProb | None
+    classifier_scale: float
+    patch_size: tuple[int, int, int]
+
+    def __call__(self, x: Tensor, t_value: float) -> Tensor:
+        t = torch.full((x.shape[0],), t_value, dtype=torch.float32, device=x.device)  # (B,)
+        t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
+        if self.guidance_scale == 1.0:
+            pred = self.model(x, t_model, self.text, self.text_mask).float()
+        else:
+            # Conditional and unconditional in one batched forward: [cond; uncond].
+            length = max(self.text.shape[1], self.neg_text.shape[1])
+            text, text_mask = _pad_text(self.text, self.text_mask, length)
+            neg_text, neg_mask = _pad_text(self.neg_text, self.neg_mask, length)
+            both = self.model(
+                torch.cat([x, x]),  # (2B, C, T', H', W')
+                torch.cat([t_model, t_model]),
+                torch.cat([text, neg_text]),  # (2B, S, Dt)
+                torch.cat([text_mask, neg_mask]),  # (2B, S)
+            ).float()
+            cond, uncond = both.chunk(2)  # (B, C, T', H', W') each
+            pred = uncond + self.guidance_scale * (cond - uncond)
+            if self.guidance_rescale > 0:
+                pred = rescale_guidance(pred, cond, self.guidance_rescale)
+        if self.classifier_log_prob is not None and self.classifier_scale != 0:
+            score = self.classifier_scale * classifier_score(self.classifier_log_prob, x, t_model)
+            pred = self.process.add_score(pred, x, t, score)
+        return pred
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sampler
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(
+    model: Model,
+    noise: Tensor,
+    *,
+    process: Process,
+    sampler: str,
+    steps: int,
+    text: Tensor,
+    text_mask: Tensor,
+    neg_text: Tensor | None = None,
+    neg_mask: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    cond_latents: Tensor | None = None,
+    cond_mask: Tensor | None = None,
+    classifier_log_prob: ClassifierLogProb | None = None,
+    classifier_scale: float = 0.0,
+    init_latents: Tensor | None = None,
+    strength: float = 1.0,
+    eta: float = 0.0,
+    spacing: str = "leading",
+    ddpm_variance: str = "beta_tilde",
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
+) -> Tensor:
+    """Generate clean latents (B, C, T', H', W') from `noise` of that shape.
+
+    sampler: 'ddpm' or 'ddim' with a DDPM process, 'euler' or 'heun' with flow matching.
+    Classifier-free guidance (guidance_scale != 1) needs the negative prompt's embedding (the empty
+    prompt for plain CFG) as neg_text / neg_mask. cond_latents / cond_mask (B, T', H', W') hold the clean
+    condition (see dit.conditioning). Video-to-video (SDEdit): init_latents noised to the level of step
+    `sdedit_start_step(steps, strength)` and sampled from there. `generator` draws the stochastic
+    samplers' noise (ddpm, ddim with eta > 0).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: must be one of {sorted(SAMPLERS)}")
+    if not isinstance(process, SAMPLERS[sampler]):
+        raise ValueError(
+            f"sampler={sampler!r} needs a {SAMPLERS[sampler].__name__} process, got {type(process).__name__}"
+        )
+    if guidance_scale != 1.0 and (neg_text is None or neg_mask is None):
+        raise ValueError(
+            f"guidance_scale={guidance_scale}: classifier-free guidance needs neg_text and neg_mask "
+            "(pass the empty prompt's embedding for plain CFG)"
+        )
+    if (cond_latents is None) != (cond_mask is None):
+        raise ValueError("cond_latents and cond_mask: give both or neither")
+    if cond_mask is not None:
+        cond_mask = cond_mask.to(noise.device)
+    denoise = _Denoiser(
+        model, process, text, text_mask, neg_text, neg_mask, guidance_scale, guidance_rescale,
+        cond_mask, classifier_log_prob, classifier_scale, patch_size,
+    )  # fmt: skip
+    grid = time_grid(process, steps, spacing=spacing, tokens=num_tokens(noise.shape, patch_size))
+    start = 0 if init_latents is None else sdedit_start_step(steps, strength)
+    x = noise.float()
+    if init_latents is not None:
+        x = _noised(process, init_latents.float(), x, grid[start])
+    keep = None if cond_mask is None else position_mask(cond_mask)  # (B, 1, T', H', W')
+
+    def restore(x: Tensor) -> Tensor:
+        return x if keep is None else torch.where(keep, cond_latents.to(x.dtype), x)
+
+    x = restore(x)
+    for index in tqdm(range(start, steps), disable=not progress, desc=sampler):
+        t, t_next = grid[index], grid[index + 1]
+        pred = denoise(x, t)
+        if sampler == "ddpm":
+            noise_step = draw_noise(x, generator) if t_next >= 0 else None
+            x = ddpm_step(
+                x, pred, process=process, t=t, t_prev=t_next, noise=noise_step, variance=ddpm_variance
+            )
+        elif sampler == "ddim":
+            noise_step = draw_noise(x, generator) if eta > 0 and t_next >= 0 else None
+            x = ddim_step(x, pred, process=process, t=t, t_prev=t_next, eta=eta, noise=noise_step)
+        elif sampler == "euler":
+            x = euler_step(x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next))
+        else:
+            x = heun_step(
+                x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next),
+                predict=lambda x_next, sigma: denoise(restore(x_next), process.num_timesteps * sigma),
+            )  # fmt: skip
+        x = restore(x)
+        if callback is not None:
+            callback(index, t, x)
+    return x
+
+
+def _noised(process: Process, x0: Tensor, noise: Tensor, t_value: float) -> Tensor:
+    """x0 noised to model timestep t_value (the terminal -1 of DDPM is the clean data itself)."""
+    t = torch.full((x0.shape[0],), t_value, device=x0.device)  # (B,)
+    return process.add_noise(x0, noise, t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplerConfig:
+    """How `generate.py` samples; maps onto the keyword arguments of `sample`."""
+
+    sampler: str = "euler"
+    """'ddpm' or 'ddim' (DDPM process), 'euler' or 'heun' (flow matching)."""
+    steps: int = 50
+    """Sampler steps; heun calls the model 2 * steps - 1 times."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale; 1 disables guidance (and the unconditional pass)."""
+    guidance_rescale: float = 0.0
+    """Guidance rescale phi of Lin et al. 2023 in [0, 1]; 0 disables it."""
+    eta: float = 0.0
+    """DDIM stochasticity: 0 deterministic, 1 ancestral."""
+    spacing: str = "leading"
+    """DDPM/DDIM grid: 'leading' or 'trailing' (trailing starts at the last step; better for few steps)."""
+    ddpm_variance: str = "beta_tilde"
+    """DDPM ancestral variance: 'beta' or 'beta_tilde'."""
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}: must be one of {sorted(SAMPLERS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: must be >= 1")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={self.guidance_rescale}: must be in [0, 1]")
+        if self.eta < 0:
+            raise ValueError(f"eta={self.eta}: must be >= 0")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing={self.spacing!r}: must be one of {SPACINGS}")
+        if self.ddpm_variance not in DDPM_VARIANCES:
+            raise ValueError(f"ddpm_variance={self.ddpm_variance!r}: must be one of {DDPM_VARIANCES}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> SamplerConfig:
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r}: unknown; valid presets are {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, SamplerConfig] = {
+    "debug": SamplerConfig(sampler="euler", steps=4, guidance_scale=1.0),
+    "flow": SamplerConfig(sampler="euler", steps=50, guidance_scale=5.0),
+    "ddim": SamplerConfig(sampler="ddim", steps=50, guidance_scale=5.0, spacing="trailing"),
+    "ddpm": SamplerConfig(sampler="ddpm", steps=1000, guidance_scale=4.0),
+}

@@ -1,0 +1,335 @@
+"""Diffusion processes: schedules, forward kernel, posterior, conversions, VLB, training loss."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dit.conditioning import image_to_video
+from dit.diffusion import (
+    DDPM,
+    DiffusionConfig,
+    FlowMatching,
+    bits_per_dim,
+    build_process,
+    discretized_gaussian_log_likelihood,
+    prior_bpd,
+    shift_sigma,
+    training_loss,
+)
+
+
+def _quantised_uniform(shape, seed=0):
+    """Data on the 256 levels of [-1, 1], like 8-bit images."""
+    levels = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+    return levels.double() / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules and the forward process
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "cos2"])
+@pytest.mark.parametrize("t", [0, 25, 50])
+def test_closed_form_forward_kernel_matches_markov_chain(schedule, t):
+    process = DDPM(schedule=schedule, num_timesteps=100)
+    count = 60_000
+    generator = torch.Generator().manual_seed(t)
+    x0 = torch.tensor([-1.0, 0.5, 1.0], dtype=torch.float64).repeat(count // 3)  # (N,)
+    x = x0.clone()
+    for beta in process.betas[: t + 1]:  # step t is the paper's step t + 1: t + 1 transitions
+        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(
+            x.shape, generator=generator, dtype=torch.float64
+        )
+    abar = float(process.alphabar(torch.tensor([t]))[0])
+    for value in (-1.0, 0.5, 1.0):
+        chain = x[x0 == value]
+        stderr = math.sqrt((1 - abar) / chain.numel())
+        assert abs(float(chain.mean()) - math.sqrt(abar) * value) < 5 * stderr
+        assert abs(float(chain.var()) / (1 - abar) - 1) < 5 * math.sqrt(2 / chain.numel())
+    # The closed-form sampler draws from the same distribution.
+    closed = process.add_noise(
+        x0, torch.randn(x0.shape, generator=generator, dtype=torch.float64), torch.full_like(x0, t)
+    )
+    assert abs(float(closed.mean()) - float(x.mean())) < 5 * math.sqrt(2 * (1 - abar) / count)
+
+
+def test_linear_schedule_matches_ddpm_paper():
+    process = DDPM(schedule="linear")
+    assert 3.9e-5 < float(process.alphas_cumprod[-1]) < 4.1e-5
+    x0 = _quantised_uniform((64, 3, 1, 8, 8))
+    bpd = prior_bpd(process, x0)  # (B,)
+    # KL(N(sqrt(a) x, 1 - a) || N(0, 1)) = (a x^2 - a - log(1 - a)) / 2 nats; about 1e-5 bits per dim.
+    abar = float(process.alphas_cumprod[-1])
+    expected = (abar * x0.pow(2) - abar - math.log(1 - abar)).flatten(1).mean(1) / 2 / math.log(2)
+    torch.testing.assert_close(bpd, expected, rtol=1e-9, atol=0)
+    assert 5e-6 < float(bpd.mean()) < 2e-5
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "cos2"])
+def test_alphabar_schedules_follow_their_formula(schedule):
+    steps = 1000
+    offset = 0.008 if schedule == "cosine" else 0.0
+
+    def f(u):
+        return math.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2
+
+    abar = DDPM(schedule=schedule, num_timesteps=steps).alphas_cumprod
+    for t in (0, 10, 500, 900, 980):  # before the clip at beta = 0.999 bites near the end
+        assert abar[t].item() == pytest.approx(f((t + 1) / steps) / f(0), rel=1e-9)
+    assert DDPM(schedule=schedule).betas.max() <= 0.999
+
+
+@pytest.mark.parametrize("schedule, diffusers_name", [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
+def test_schedules_match_diffusers(schedule, diffusers_name):
+    from diffusers import DDPMScheduler
+
+    ours = DDPM(schedule=schedule).alphas_cumprod
+    theirs = DDPMScheduler(beta_schedule=diffusers_name).alphas_cumprod.double()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_posterior_is_gaussian_conditioning_of_the_chain():
+    process = DDPM(schedule="cosine", num_timesteps=50)
+    x0, x_t = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    t = torch.tensor([1, 5, 20, 40, 49])
+    mean, var = process.q_posterior(x0, x_t, t)
+    # (x_{t-1}, x_t) | x0 is jointly Gaussian: condition x_{t-1} on x_t directly.
+    abar, abar_prev = process.alphabar(t)[:, None], process.alphabar(t - 1)[:, None]
+    alpha = abar / abar_prev
+    cov = alpha.sqrt() * (1 - abar_prev)  # Cov(x_{t-1}, x_t | x0)
+    expected_mean = abar_prev.sqrt() * x0 + cov / (1 - abar) * (x_t - abar.sqrt() * x0)
+    expected_var = (1 - abar_prev) - cov**2 / (1 - abar)
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(var, expected_var)
+
+
+@pytest.mark.parametrize("source", ["eps", "v", "x0"])
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+@pytest.mark.parametrize("per_position", [False, True])
+def test_prediction_conversions_agree_and_round_trip(source, target, per_position):
+    process = DDPM(schedule="cosine")
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 2, 3, 3, generator=generator, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    shape = (3, 2, 3, 3) if per_position else (3,)
+    t = torch.randint(0, 1000, shape, generator=generator).double()
+    x_t = process.add_noise(x0, eps, t)
+    abar = (
+        process.alphabar(t).reshape(3, 1, *shape[1:])
+        if per_position
+        else process.alphabar(t).reshape(3, 1, 1, 1, 1)
+    )
+    truth = {"eps": eps, "x0": x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}
+    converted = process.convert(truth[source], x_t, t, source=source, target=target)
+    torch.testing.assert_close(converted, truth[target])
+    back = process.convert(converted, x_t, t, source=target, target=source)
+    torch.testing.assert_close(back, truth[source])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variational bound
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_discretised_gaussian_is_a_distribution_over_256_levels():
+    levels = torch.linspace(-1, 1, 256, dtype=torch.float64)[:, None]  # (256, 1)
+    mean = torch.tensor([[-1.2, -0.3, 0.0, 0.77, 1.5]], dtype=torch.float64)
+    log_scale = torch.tensor([[-6.0, -3.0, -1.0, 0.0, 1.0]], dtype=torch.float64)
+    total = discretized_gaussian_log_likelihood(levels, mean, log_scale).exp().sum(dim=0)  # (5,)
+    torch.testing.assert_close(total, torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_vlb_of_the_exact_model_is_the_prior_plus_decoder_term():
+    """For one known data point the exact model has zero KL terms with the posterior variance."""
+    process = DDPM(schedule="linear", num_timesteps=100)
+    x0 = _quantised_uniform((2, 1, 1, 2, 2), seed=1).float()  # interior levels almost surely
+    x0 = x0.clamp(-0.9, 0.9)
+    text, text_mask = torch.zeros(2, 1, 1), torch.ones(2, 1, dtype=torch.bool)
+
+    def exact_eps(x, t, text, text_mask):
+        abar = process.alphabar(t).reshape(-1, 1, 1, 1, 1).float()
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    result = bits_per_dim(exact_eps, x0, process=process, text=text, text_mask=text_mask,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert result["terms"][:, 1:].abs().max() < 1e-6
+    # L_0: the decoder is N(x0, beta~_1) integrated over x0's bin of width 2/255.
+    abar = process.alphas_cumprod.tolist()
+    var = (1 - abar[1] / abar[0]) * (1 - abar[0]) / (1 - abar[1])
+    mass = math.erf((1 / 255) / math.sqrt(2 * var))
+    torch.testing.assert_close(
+        result["terms"][:, 0], torch.full((2,), -math.log2(mass), dtype=torch.float64), rtol=1e-3, atol=0
+    )
+    torch.testing.assert_close(result["total"], result["prior"] + result["terms"].sum(1))
+    # The larger reverse variance (beta) is not the posterior's, so its KL terms are positive.
+    larger = bits_per_dim(exact_eps, x0, process=process, text=text, text_mask=text_mask, variance="beta")
+    assert larger["terms"][:, 1:].min() > 0
+    assert (larger["total"] > result["total"]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flow matching
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sigma_sampling", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_training_sigmas_follow_their_shifted_distribution(sigma_sampling, shift):
+    process = FlowMatching(shift=shift, sigma_sampling=sigma_sampling)
+    t = process.sample_timesteps(20_000, tokens=100, generator=torch.Generator().manual_seed(0), device="cpu")
+    sigma = (t.double() / 1000).sort().values
+    # Invert the shift, then apply the CDF of the base distribution.
+    base = sigma / (shift - (shift - 1) * sigma)
+    if sigma_sampling == "uniform":
+        cdf = base
+    else:
+        cdf = torch.special.ndtr(torch.logit(base))
+    empirical = torch.arange(1, sigma.numel() + 1, dtype=torch.float64) / sigma.numel()
+    assert float((empirical - cdf).abs().max()) < 0.015  # Kolmogorov-Smirnov, p << 0.01 at n = 20000
+
+
+def test_dynamic_shift_is_log_linear_in_tokens_and_clamped():
+    process = FlowMatching(
+        dynamic_shift=True, min_tokens=256, max_tokens=4096, min_log_shift=0.5, max_log_shift=1.15
+    )
+    assert process.shift_for(256) == pytest.approx(math.exp(0.5))
+    assert process.shift_for(4096) == pytest.approx(math.exp(1.15))
+    assert process.shift_for((256 + 4096) // 2) == pytest.approx(math.exp((0.5 + 1.15) / 2))
+    assert process.shift_for(10) == pytest.approx(math.exp(0.5))
+    assert process.shift_for(100_000) == pytest.approx(math.exp(1.15))
+    assert FlowMatching(shift=2.0).shift_for(100_000) == 2.0
+
+
+def test_shift_keeps_endpoints_and_adds_noise():
+    sigma = torch.linspace(0, 1, 11, dtype=torch.float64)
+    shifted = shift_sigma(sigma, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1
+    assert (shifted[1:-1] > sigma[1:-1]).all()
+    torch.testing.assert_close(shift_sigma(shifted, 1 / 3.0), sigma)  # the shift's inverse is 1/s
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _oracle(process, x0):
+    """A model that knows x0 and so predicts the exact target from (x_t, t)."""
+
+    def model(x, t, text, text_mask):
+        if t.ndim == 2:  # per latent frame (B, T')
+            t = t[:, None, :, None, None]
+        else:
+            t = t.reshape(-1, 1, 1, 1, 1)
+        if isinstance(process, FlowMatching):
+            sigma = t / 1000
+            return (x - x0) / sigma.clamp(min=1e-6)  # x = x0 + sigma (eps - x0)
+        abar = process.alphabar(t.expand(-1, 1, *x.shape[2:])[:, 0]).unsqueeze(1).float()
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return process.convert(
+            eps, x, t.expand(-1, 1, *x.shape[2:])[:, 0], source="eps", target=process.prediction
+        )
+
+    return model
+
+
+@pytest.mark.parametrize("process", [DDPM(prediction="eps"), DDPM(prediction="v", schedule="cosine"), FlowMatching()],
+                         ids=["ddpm-eps", "ddpm-v", "flow"])  # fmt: skip
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_training_loss_is_zero_for_the_exact_model(process, conditioned):
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 3, 4, 4, generator=generator)
+    cond_mask = image_to_video(x0[:, :, :1], latent_frames=3).mask if conditioned else None
+    text, text_mask = torch.zeros(4, 2, 8), torch.ones(4, 2, dtype=torch.bool)
+    loss, logs = training_loss(_oracle(process, x0), x0, process=process, text=text, text_mask=text_mask,
+                               cond_mask=cond_mask, generator=generator)  # fmt: skip
+    assert float(loss) < 1e-6
+    wrong, _ = training_loss(lambda x, t, s, m: torch.zeros_like(x), x0, process=process, text=text,
+                             text_mask=text_mask, cond_mask=cond_mask, generator=generator)  # fmt: skip
+    assert float(wrong) > 0.1
+
+
+def test_conditioned_positions_are_clean_at_timestep_zero_and_add_no_loss():
+    process = FlowMatching(sigma_sampling="uniform")
+    x0 = torch.randn(2, 3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond_mask = image_to_video(x0[:, :, :1], latent_frames=3).mask  # (B, T', H', W'), frame 0
+    text, text_mask = torch.zeros(2, 2, 8), torch.ones(2, 2, dtype=torch.bool)
+    seen = {}
+
+    def model(x, t, text, text_mask):
+        seen["x"], seen["t"] = x, t
+        return 0.1 * x
+
+    def loud(x, t, text, text_mask):  # wildly wrong, but only on the conditioned frame
+        return 0.1 * x + 1000.0 * cond_mask[:, None].float()
+
+    loss, _ = training_loss(model, x0, process=process, text=text, text_mask=text_mask, cond_mask=cond_mask,
+                            generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert torch.equal(seen["x"][:, :, 0], x0[:, :, 0])
+    assert seen["t"].shape == (2, 3) and (seen["t"][:, 0] == 0).all() and (seen["t"][:, 1:] > 0).all()
+    assert not torch.equal(seen["x"][:, :, 1:], x0[:, :, 1:])
+    loud_loss, _ = training_loss(loud, x0, process=process, text=text, text_mask=text_mask, cond_mask=cond_mask,
+                                 generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert torch.equal(loss, loud_loss)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_config_presets_build_and_load_through_omegaconf():
+    for name in ("debug", "flow", "wan", "ddpm", "ddpm_cosine_v"):
+        cfg = DiffusionConfig.from_preset(name)
+        merged = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(DiffusionConfig), OmegaConf.create(vars(cfg)))
+        )
+        assert merged == cfg
+        assert isinstance(build_process(cfg), DDPM if cfg.process == "ddpm" else FlowMatching)
+    assert build_process(DiffusionConfig.from_preset("ddpm_cosine_v")) == DDPM(
+        schedule="cosine", prediction="v"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"process": "edm"}, "process='edm'"),
+        ({"process": "ddpm", "schedule": "sigmoid"}, "schedule='sigmoid'"),
+        ({"process": "ddpm", "prediction": "score"}, "prediction='score'"),
+        ({"process": "ddpm", "num_timesteps": 10}, "num_timesteps=10"),
+        ({"shift": 0.0}, "shift=0.0"),
+        ({"sigma_sampling": "beta"}, "sigma_sampling='beta'"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionConfig(**overrides)
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="debug"):
+        DiffusionConfig.from_preset("huge")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("process", [DDPM(), FlowMatching()], ids=["ddpm", "flow"])
+def test_training_loss_on_cuda_with_a_cpu_generator_and_mask(process):
+    from dit.conditioning import MaskSamplerConfig, sample_cond_mask
+
+    x0 = torch.randn(8, 4, 5, 8, 8, device="cuda")
+    cond_mask = sample_cond_mask(
+        MaskSamplerConfig.from_preset("debug"), 8, 5, 8, 8, torch.Generator().manual_seed(0)
+    )
+    text, text_mask = torch.zeros(8, 2, 8, device="cuda"), torch.ones(8, 2, dtype=torch.bool, device="cuda")
+    losses = [
+        training_loss(lambda x, t, s, m: 0.5 * x, x0, process=process, text=text, text_mask=text_mask,
+                      cond_mask=cond_mask, generator=torch.Generator().manual_seed(0))[0]
+        for _ in range(2)
+    ]  # fmt: skip
+    assert losses[0].device.type == "cuda" and torch.isfinite(losses[0])
+    assert torch.equal(losses[0], losses[1])
