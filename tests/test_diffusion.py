@@ -11,13 +11,11 @@ from dit.diffusion import (
     DDPM,
     DiffusionConfig,
     FlowMatching,
-    bits_per_dim,
     build_process,
-    discretized_gaussian_log_likelihood,
-    prior_bpd,
     shift_sigma,
     training_loss,
 )
+from dit.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, prior_bpd
 
 
 def _quantised_uniform(shape, seed=0):
