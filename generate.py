@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Request options default to None: "not given", so a --from-json or prompts-file value stands.
     what = parser.add_argument_group("what to generate")
     what.add_argument("prompt", nargs="?", default=None, help="the text prompt (or use --prompts-file)")
+    what.add_argument("--prompt", dest="prompt_option", default=None, metavar="PROMPT",
+                      help="the text prompt, as an option (same as the positional)")
     what.add_argument("--mode", choices=MODES, default=None, help="generation mode (default t2v)")
     what.add_argument("--negative-prompt", default=None, help="what guidance steers away from")
     what.add_argument("--prompts-file", type=Path, default=None,
@@ -267,7 +269,12 @@ def peak_memory() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt_option is not None:
+        if args.prompt is not None:
+            parser.error("give the prompt once: positionally or with --prompt")
+        args.prompt = args.prompt_option
     try:
         return run(args)
     except (UsageError, InvalidRequest) as err:

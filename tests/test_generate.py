@@ -96,6 +96,17 @@ def test_from_json_makes_the_same_output_again(model_dir, tmp_path):
         json.loads(image.with_suffix(".json").read_text())["request"]
 
 
+def test_prompt_option_equals_positional_prompt(model_dir, tmp_path):
+    common = ["--model", str(model_dir), "--mode", "t2i", "--seed", "5", "--quiet"]
+    assert generate.main(["a red circle", *common, "--out", str(tmp_path / "pos")]) == 0
+    assert generate.main(["--prompt", "a red circle", *common, "--out", str(tmp_path / "opt")]) == 0
+    (pos,), (opt,) = (tmp_path / "pos").glob("*.png"), (tmp_path / "opt").glob("*.png")
+    assert torch.equal(read_frames(pos, [0]), read_frames(opt, [0]))
+    assert json.loads(opt.with_suffix(".json").read_text())["request"]["prompt"] == "a red circle"
+    with pytest.raises(SystemExit):
+        generate.main(["a red circle", "--prompt", "a blue square", *common])
+
+
 def test_prompts_file_with_mixed_options(model_dir, media, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     (tmp_path / "still.png").write_bytes(Path(media["still"]).read_bytes())
