@@ -1,0 +1,556 @@
+"""The diffusion transformer: spacetime patches, 3D RoPE, adaLN timestep conditioning, text cross-attention.
+
+The structure and parameter names follow the Wan 2.1 transformer (original layout), so its public
+weights load through `dit/convert.py` with no renaming beyond the diffusers map:
+
+    patch_embedding                     Conv3d, kernel = stride = patch_size
+    text_embedding.{0,2}                Linear -> GELU(tanh) -> Linear on the text hidden states
+    time_embedding.{0,2}                Linear -> SiLU -> Linear on the sinusoidal timestep
+    time_projection.1                   SiLU -> Linear to six modulation vectors, shared by all blocks
+    blocks.N.modulation                 per-block learned offset added to those six vectors
+    blocks.N.self_attn.{q,k,v,o,norm_q,norm_k}
+    blocks.N.norm3                      affine LayerNorm before cross-attention (cross_attn_norm)
+    blocks.N.cross_attn.{q,k,v,o,norm_q,norm_k}
+    blocks.N.ffn.{0,2}                  Linear -> GELU(tanh) -> Linear
+    head.head, head.modulation          adaLN output head
+
+Differences from Wan, all in `init_weights`: the adaLN path starts at zero (time_projection's Linear,
+every block's `modulation`, cross-attention's output projection and the head), so a fresh block is the
+identity and a fresh model predicts zero; Wan's released weights overwrite all of it.
+
+Timesteps (float in [0, 1000], ARCHITECTURE.md) come per sample (B,), per latent frame (B, T') or per
+token (B, L). Internally they become G groups of consecutive tokens (G = 1, frames, or L), and the
+modulation is computed once per group, so per-sample timesteps cost no (B, L, 6, D) tensor.
+The timestep embedding and the modulation arithmetic run in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import RmsNorm
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
+
+from dit.attention import attention, self_attention
+
+CHECKPOINT_POLICIES = ("full", "attention")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class DiTConfig:
+    patch_size: tuple[int, ...] = (1, 2, 2)
+    """Spacetime patch (pt, ph, pw) in latent units; tokens are (T'/pt)(H'/ph)(W'/pw)."""
+    in_channels: int = 16
+    """Latent channels C going in."""
+    out_channels: int = 16
+    """Channels predicted per latent position (usually = in_channels)."""
+    dim: int = 1536
+    """Transformer width D."""
+    ffn_dim: int = 8960
+    """Hidden width of the GELU-tanh MLP."""
+    freq_dim: int = 256
+    """Size of the sinusoidal timestep embedding fed to the time MLP."""
+    text_dim: int = 4096
+    """Width Dt of the text encoder's hidden states."""
+    num_heads: int = 12
+    """Attention heads; dim / num_heads is the head size, split over (t, h, w) by RoPE."""
+    num_layers: int = 30
+    """Number of transformer blocks."""
+    qk_norm: bool = True
+    """RMSNorm on queries and keys (over the whole width, as in Wan)."""
+    cross_attn_norm: bool = True
+    """Affine LayerNorm before cross-attention (Wan: True)."""
+    eps: float = 1e-6
+    """Epsilon of every LayerNorm and RMSNorm."""
+    text_len: int = 512
+    """Longest text sequence S the model accepts (the text encoder's max_length)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (Wan: 10000)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
+    checkpoint_policy: str = "full"
+    """With gradient_checkpointing: "full" keeps only block inputs (least memory); "attention" also keeps
+    the attention kernels' outputs and recomputes the rest (faster when attention dominates: long videos)."""
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size={self.patch_size}: must be three positive ints (pt, ph, pw)")
+        for name in (
+            "in_channels",
+            "out_channels",
+            "dim",
+            "ffn_dim",
+            "freq_dim",
+            "text_dim",
+            "num_heads",
+            "num_layers",
+            "text_len",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim}: must be divisible by num_heads={self.num_heads}")
+        head_dim = self.dim // self.num_heads
+        if head_dim % 2 or head_dim < 6:
+            raise ValueError(f"dim/num_heads={head_dim}: must be even and >= 6 (RoPE splits it over t, h, w)")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim={self.freq_dim}: must be even (cos and sin halves)")
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise ValueError(
+                f"checkpoint_policy={self.checkpoint_policy!r}: must be one of {CHECKPOINT_POLICIES}"
+            )
+        if not self.eps > 0:
+            raise ValueError(f"eps={self.eps}: must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DiTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}: valid names are {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers: patchify, timestep embedding, RoPE, modulation
+# ----------------------------------------------------------------------------------------------------
+def patchify(x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """Latents (B, C, T', H', W') -> tokens (B, L, pt*ph*pw*C), t-major then h then w."""
+    pt, ph, pw = patch_size
+    return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(
+    tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]
+) -> torch.Tensor:
+    """Tokens (B, L, pt*ph*pw*C) on a (T'', H'', W'') token grid -> latents (B, C, T', H', W')."""
+    pt, ph, pw = patch_size
+    t, h, w = grid
+    return rearrange(
+        tokens, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw
+    )
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (N,) -> (N, dim) float32, [cos | sin] halves as in Wan."""
+    half = dim // 2
+    freqs = max_period ** (-torch.arange(half, dtype=torch.float64, device=t.device) / half)  # (dim/2,)
+    angles = t.double()[:, None] * freqs[None]  # (N, dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()  # (N, dim)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Head-dim channels given to (t, h, w): h and w get 2*(Dh//6) each, t the rest (Wan's split)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_angles(
+    grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device
+) -> torch.Tensor:
+    """Rotation angles for every token of a (T'', H'', W'') grid -> (L, Dh/2) float32.
+
+    Computed for whatever grid arrives, so there is no position table and no maximum size.
+    Each axis rotates its own share d_axis of the head dim with frequencies theta^(-2i/d_axis);
+    angles are formed in float64 so large positions stay exact.
+    """
+    positions = torch.meshgrid(
+        *(torch.arange(n, dtype=torch.float64, device=device) for n in grid), indexing="ij"
+    )
+    angles = []
+    for pos, axis_dim in zip(positions, rope_split(head_dim), strict=True):
+        inv_freq = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+        angles.append(pos.reshape(-1, 1) * inv_freq)  # (L, d_axis/2)
+    return torch.cat(angles, dim=1).float()  # (L, Dh/2)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, L, heads, Dh) by e^(i angle); freqs (L, Dh/2) complex64.
+
+    One complex product in float32, cast back, so bf16 activations keep exact relative-position behaviour;
+    freqs is a constant, so autograd keeps no activation for it.
+    """
+    pairs = torch.view_as_complex(
+        rearrange(x.float(), "b l n (d two) -> b l n d two", two=2)
+    )  # (B, L, heads, Dh/2)
+    rotated = torch.view_as_real(pairs * freqs[:, None])  # (B, L, heads, Dh/2, 2)
+    return rearrange(rotated, "b l n d two -> b l n (d two)").to(x.dtype)  # (B, L, heads, Dh)
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm in x's dtype with float32 statistics (PyTorch's kernels accumulate in float32 for bf16/fp16).
+
+    Keeping the output in x's dtype halves what autograd stores for bf16 models; the modulation that
+    follows is still float32 arithmetic (see `modulate`).
+    """
+    if norm is None:
+        return F.layer_norm(x, x.shape[-1:], eps=eps)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, L, D) times (1 + scale) plus shift, shift/scale (B, G, D) float32 for G groups of tokens.
+
+    Float32 shift/scale promote the arithmetic to float32 (one fused addcmul); the result is cast back.
+    """
+    grouped = rearrange(x, "b (g n) d -> b g n d", g=shift.shape[1])  # (B, G, L/G, D)
+    out = torch.addcmul(shift[:, :, None], grouped, 1 + scale[:, :, None])  # (B, G, L/G, D) float32
+    return rearrange(out, "b g n d -> b (g n) d").to(x.dtype)  # (B, L, D)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y in float32 (the gate (B, G, D) is float32, as in Wan), result in x's dtype."""
+    g = gate.shape[1]
+    out = torch.addcmul(
+        rearrange(x, "b (g n) d -> b g n d", g=g), rearrange(y, "b (g n) d -> b g n d", g=g), gate[:, :, None]
+    )  # (B, G, L/G, D) float32
+    return rearrange(out, "b g n d -> b (g n) d").to(x.dtype)  # (B, L, D)
+
+
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear evaluated in float32 whatever the parameters' dtype: the timestep path's float32 island."""
+    return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm over the whole width (Wan's `norm_q`, `norm_k`)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RmsNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = RmsNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b l (n d) -> b n l d", n=self.num_heads)  # (B, heads, L, Dh)
+
+    def forward_self(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        freqs = torch.complex(*rope)  # (L, Dh/2): shared by q and k
+        q = apply_rope(rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", n=self.num_heads), freqs)
+        k = apply_rope(rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", n=self.num_heads), freqs)
+        q, k = (rearrange(t, "b l n d -> b n l d") for t in (q, k))  # (B, heads, L, Dh)
+        out = self_attention(q, k, self.heads(self.v(x)))  # (B, heads, L, Dh)
+        return self.o(rearrange(out, "b n l d -> b l (n d)"))  # (B, L, D)
+
+    def forward_cross(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        q = self.heads(self.norm_q(self.q(x)))  # (B, heads, L, Dh)
+        k = self.heads(self.norm_k(self.k(context)))  # (B, heads, S, Dh)
+        out = attention(q, k, self.heads(self.v(context)), key_mask=context_mask)  # (B, heads, L, Dh)
+        return self.o(rearrange(out, "b n l d -> b l (n d)"))  # (B, L, D)
+
+
+class DiTBlock(nn.Module):
+    """adaLN self-attention, plain cross-attention to text, adaLN GELU-tanh MLP (Wan's block)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
+        self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, D)
+        time_mod: torch.Tensor,  # (B, G, 6, D) float32, shared by all blocks
+        context: torch.Tensor,  # (B, S, D)
+        context_mask: torch.Tensor | None,  # (B, S) bool, None = no padding
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin (L, Dh/2)
+    ) -> torch.Tensor:
+        assert time_mod.dtype == torch.float32, "modulation must stay float32"
+        mod = time_mod + self.modulation.float()[:, None]  # (B, G, 6, D)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(dim=2)  # each (B, G, D)
+
+        h = modulate(layer_norm(x, eps=self.eps), shift_sa, scale_sa)  # (B, L, D)
+        x = gated_residual(x, self.self_attn.forward_self(h, rope), gate_sa)  # (B, L, D)
+
+        h = layer_norm(x, self.norm3) if self.norm3 is not None else x
+        x = x + self.cross_attn.forward_cross(h, context, context_mask)  # (B, L, D)
+
+        h = modulate(layer_norm(x, eps=self.eps), shift_ff, scale_ff)  # (B, L, D)
+        return gated_residual(x, self.ffn(h), gate_ff)  # (B, L, D)
+
+
+class Head(nn.Module):
+    """adaLN output head: LayerNorm, shift/scale from the time embedding, Linear to patch values."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        # x (B, L, D); time_emb (B, G, D) float32 (the time MLP output, before time_projection)
+        assert time_emb.dtype == torch.float32, "head modulation must stay float32"
+        shift, scale = (time_emb[:, :, None] + self.modulation.float()[:, None]).unbind(dim=2)  # (B, G, D)
+        h = modulate(layer_norm(x, eps=self.eps), shift, scale)  # (B, L, D)
+        return self.head(h)  # (B, L, pt*ph*pw*C_out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------
+def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing: keep the fused attention kernels' outputs, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_ATTENTION_OPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+_CHECKPOINT_CONTEXTS = {
+    "full": noop_context_fn,
+    "attention": functools.partial(create_selective_checkpoint_contexts, _save_attention),
+}
+
+
+class DiT(nn.Module):
+    """`model(x, t, text, text_mask)`: latents (B, C, T', H', W') -> prediction (B, C_out, T', H', W')."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Every initialisation in one place: Wan's scheme, with the adaLN path zeroed (see module doc)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for layer in (*self.text_embedding, *self.time_embedding):
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        # Zero adaLN: every gate is 0 and the unguarded cross-attention output is 0, so each block is the
+        # identity at step 0, and the head predicts 0; gradients still reach all of these parameters.
+        nn.init.zeros_(self.time_projection[1].weight)
+        nn.init.zeros_(self.time_projection[1].bias)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation)
+            nn.init.zeros_(block.cross_attn.o.weight)
+            nn.init.zeros_(block.cross_attn.o.bias)
+        nn.init.zeros_(self.head.modulation)
+        nn.init.zeros_(self.head.head.weight)
+        nn.init.zeros_(self.head.head.bias)
+
+    # -- shapes ------------------------------------------------------------------------------------
+    def validate_latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Check a latent grid (T', H', W') against the patch size; return the token grid (T'', H'', W'')."""
+        grid = []
+        for name, size, patch in zip(
+            ("frames", "height", "width"), (frames, height, width), self.cfg.patch_size, strict=True
+        ):
+            if size < 1 or size % patch:
+                lower = max(patch, size // patch * patch)
+                raise ValueError(
+                    f"latent {name}={size}: must be a positive multiple of the patch size {patch}; "
+                    f"nearest valid sizes are {lower} and {lower + patch}"
+                )
+            grid.append(size // patch)
+        return tuple(grid)
+
+    def _timestep_groups(self, t: torch.Tensor, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Timesteps (B,), (B, T') or (B, L) -> (B, G): one per group of consecutive tokens."""
+        frames = grid[0] * self.cfg.patch_size[0]
+        num_tokens = math.prod(grid)
+        if t.ndim == 1 and t.shape[0] == batch:
+            return t[:, None]  # (B, 1)
+        if t.ndim == 2 and t.shape == (batch, frames):
+            # A temporal patch takes the timestep of its first latent frame (pt = 1 by default).
+            return t[:, :: self.cfg.patch_size[0]]  # (B, T'')
+        if t.ndim == 2 and t.shape == (batch, num_tokens):
+            return t  # (B, L)
+        raise ValueError(
+            f"timestep shape {tuple(t.shape)}: must be (B,)=({batch},), per latent frame (B, T')=({batch}, "
+            f"{frames}) or per token (B, L)=({batch}, {num_tokens})"
+        )
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        batch, _, frames, height, width = x.shape
+        grid = self.validate_latent_shape(frames, height, width)
+        if text.shape[1] > self.cfg.text_len:
+            raise ValueError(f"text length {text.shape[1]}: must be <= text_len={self.cfg.text_len}")
+
+        tokens = self.patch_embedding(x)  # (B, D, T'', H'', W'')
+        tokens = rearrange(tokens, "b d t h w -> b (t h w) d")  # (B, L, D)
+        context = self.text_embedding(text.to(tokens.dtype))  # (B, S, D)
+        angles = rope_angles(grid, self.cfg.head_dim, self.cfg.rope_theta, x.device)  # (L, Dh/2)
+        rope = (angles.cos(), angles.sin())  # (L, Dh/2) each
+
+        # Float32 island: timestep embedding, time MLP and the six shared modulation vectors.
+        groups = self._timestep_groups(t, batch, grid)  # (B, G)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freq = timestep_embedding(groups.flatten(), self.cfg.freq_dim)  # (B*G, F)
+            time_emb = linear_fp32(self.time_embedding[2], F.silu(linear_fp32(self.time_embedding[0], freq)))
+            time_mod = linear_fp32(self.time_projection[1], F.silu(time_emb))  # (B*G, 6D)
+        time_emb = rearrange(time_emb, "(b g) d -> b g d", b=batch)  # (B, G, D)
+        time_mod = rearrange(time_mod, "(b g) (six d) -> b g six d", b=batch, six=6)  # (B, G, 6, D)
+        assert time_emb.dtype == time_mod.dtype == torch.float32
+
+        # A mask with no padding is dropped, so cross-attention can take the unmasked fast kernels.
+        context_mask = None if bool(text_mask.all()) else text_mask
+        for block in self.blocks:
+            if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(
+                    block,
+                    tokens,
+                    time_mod,
+                    context,
+                    context_mask,
+                    rope,
+                    use_reentrant=False,
+                    context_fn=_CHECKPOINT_CONTEXTS[self.cfg.checkpoint_policy],
+                )
+            else:
+                tokens = block(tokens, time_mod, context, context_mask, rope)  # (B, L, D)
+
+        out = self.head(tokens, time_emb)  # (B, L, pt*ph*pw*C_out)
+        return unpatchify(out, grid, self.cfg.patch_size)  # (B, C_out, T', H', W')
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int, text_len: int) -> float:
+        """Forward FLOPs per video token (multiply-add = 2) at L = seq_len video and S = text_len text tokens.
+
+        Counts every matmul and both attention products; a training step (forward + backward) is 3x this.
+        Text-side work (text MLP, cross-attention k/v projections) is spread over the L video tokens.
+        """
+        c = self.cfg
+        d, patch = c.dim, math.prod(c.patch_size)
+        per_layer = (
+            2 * 4 * d * d  # self-attention q, k, v, o
+            + 2 * 2 * seq_len * d  # self-attention QK^T and PV
+            + 2 * 2 * d * d  # cross-attention q, o
+            + 2 * 2 * text_len * d  # cross-attention QK^T and PV
+            + 2 * 2 * d * d * text_len / seq_len  # cross-attention k, v on the text
+            + 2 * 2 * d * c.ffn_dim  # MLP
+        )
+        embed = 2 * c.in_channels * patch * d + 2 * d * c.out_channels * patch
+        text_mlp = 2 * (c.text_dim * d + d * d) * text_len / seq_len
+        return c.num_layers * per_layer + embed + text_mlp
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> DiT:
+        """Cast to `dtype` but keep the float32 islands (time MLP, time projection, modulation) in float32."""
+        self.to(dtype)
+        for name, param in self.named_parameters():
+            if name.startswith(("time_embedding", "time_projection")) or name.endswith("modulation"):
+                param.data = param.data.float()
+        return self
+
+    # -- weights on disk ---------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> DiT:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg = DiTConfig(**json.loads((folder / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
+        if dtype is not None:
+            model.to_compute_dtype(dtype)
+        return model.to(device) if device is not None else model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Size presets
+# ----------------------------------------------------------------------------------------------------
+PRESETS: dict[str, DiTConfig] = {
+    # Seconds on a CPU: the tests use it.
+    "debug": DiTConfig(
+        in_channels=4,
+        out_channels=4,
+        dim=48,
+        ffn_dim=96,
+        freq_dim=32,
+        text_dim=32,
+        num_heads=2,
+        num_layers=2,
+        text_len=64,
+    ),
+    # Trains on 2 CPU cores at 64x64x17 pixels: latents (T', H', W') = (5, 8, 8), 5*4*4 = 80 tokens.
+    "demo": DiTConfig(
+        in_channels=8,
+        out_channels=8,
+        dim=192,
+        ffn_dim=512,
+        freq_dim=64,
+        text_dim=64,
+        num_heads=4,
+        num_layers=4,
+        text_len=64,
+    ),
+    "small": DiTConfig(dim=512, ffn_dim=2048, freq_dim=256, text_dim=4096, num_heads=8, num_layers=12),
+    "base": DiTConfig(dim=1024, ffn_dim=4096, freq_dim=256, text_dim=4096, num_heads=16, num_layers=24),
+    "wan2.1-1.3b": DiTConfig(
+        dim=1536, ffn_dim=8960, freq_dim=256, text_dim=4096, num_heads=12, num_layers=30
+    ),
+    "wan2.1-14b": DiTConfig(
+        dim=5120, ffn_dim=13824, freq_dim=256, text_dim=4096, num_heads=40, num_layers=40
+    ),
+}
