@@ -6,7 +6,8 @@ import pytest
 import torch
 from einops import rearrange
 
-from dit.model import PRESETS, DiT, DiTConfig, apply_rope, patchify, rope_angles, unpatchify
+from dit.layers import apply_rope, patchify, rope_angles, unpatchify
+from dit.model import PRESETS, DiT, DiTConfig
 
 
 def make_model(seed: int = 0, **overrides) -> DiT:
