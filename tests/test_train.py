@@ -1,0 +1,298 @@
+"""The training loop on a tiny regression model: ZeRO parity, exact resume, NaN skipping, atomic saves.
+
+Multi-process tests start one subprocess per rank with the variables a launcher would set (gloo on CPU)
+and a hard timeout, so they fail rather than hang. Each worker runs `run_worker` below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 4
+
+
+class Regression:
+    """A two-layer MLP fit to sin(sum(x)); batch k of the global stream depends only on k, so any rank
+    split of the same global batch sees the same data. `noisy` adds input noise from the per-step generator
+    (rank-dependent, so only for single-layout comparisons); `nan_at` makes those micro-batches NaN."""
+
+    def __init__(self, *, seed: int = 0, noisy: bool = False, nan_at: tuple[int, ...] = ()):
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        self.position, self.noisy, self.nan_at = 0, noisy, set(nan_at)
+
+    def batches(self, *, dp_rank: int, dp_size: int):
+        while True:
+            g = torch.Generator().manual_seed(1000 + self.position)
+            x = torch.randn(GLOBAL_BATCH, 8, generator=g)
+            y = x.sum(1, keepdim=True).sin()
+            poisoned = self.position in self.nan_at
+            self.position += 1
+            per = GLOBAL_BATCH // dp_size
+            yield x[dp_rank * per : (dp_rank + 1) * per], y[dp_rank * per : (dp_rank + 1) * per], poisoned
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+    def loss(self, model, batch, *, generator, step):
+        x, y, poisoned = batch
+        if self.noisy:  # the loss then depends on the per-step random stream, which resume must redraw
+            x = x + 0.01 * torch.randn(x.shape, generator=generator)
+        dtype = next(model.parameters()).dtype  # bf16 engines hold bf16 weights
+        loss = ((model(x.to(dtype)).float() - y) ** 2).mean()
+        return (loss * float("nan") if poisoned else loss), {}
+
+    def tokens(self, batch) -> int:
+        return batch[0].shape[0]
+
+    def media(self, step, *, weights, out_dir, writer) -> None:
+        pass
+
+    def finish(self, run_dir, *, weights) -> None:
+        pass
+
+
+def loop_config(run_dir: Path, **overrides):
+    from train import LoopConfig
+
+    cfg = LoopConfig(run_dir=str(run_dir), steps=8, seed=3)
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-2, 2
+    cfg.log.progress_bar = cfg.log.tensorboard = False
+    cfg.log.every = 1
+    cfg.ema.decay = 0.5
+    cfg.checkpoint.every = 0
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, name, value)
+    return cfg
+
+
+def run_worker(spec_json: str) -> None:
+    """One rank: run each job of the spec in turn (same processes, so DeepSpeed starts once), write the
+    losses and final EMA weights of every job as JSON for the test to compare."""
+    from train import Trainer
+
+    spec, results = json.loads(spec_json), []
+    for job in spec["jobs"]:
+        cfg = loop_config(Path(job["run_dir"]), **job.get("overrides", {}), **spec.get("overrides", {}))
+        task = Regression(noisy=job.get("noisy", False))
+        trainer = Trainer(cfg, task)
+        if job.get("resume"):
+            trainer.resume("latest")
+        if os.environ.get("RANK") == str(spec.get("crash_rank")):
+            task.nan_at = ()  # crash on the way: an exception mid-run, as a failing rank would
+            task.loss = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("injected crash"))
+        history = trainer.run(until=job.get("until"))
+        results.append({"losses": [h["loss"] for h in history],
+                        "ema": {k: v.tolist() for k, v in trainer.ema.weights.items()}})
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(spec["out"]).write_text(json.dumps(results))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(spec: dict, *, ranks: int) -> list[subprocess.Popen]:
+    """`run_worker(spec)` on `ranks` processes with the variables a launcher sets (gloo on CPU)."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(ranks),
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    code = f"from test_train import run_worker; run_worker({json.dumps(json.dumps(spec))})"
+    return [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
+
+
+def finish(procs: list[subprocess.Popen], *, timeout: float) -> list[tuple[int, str]]:
+    """(return code, output) per rank; every process is killed on the way out, so nothing outlives a test."""
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append((proc.communicate(timeout=timeout)[0].decode(errors="replace"), proc.returncode))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [(code, text) for text, code in outputs]
+
+
+def launch(spec: dict, *, ranks: int, timeout: float = 150) -> list[dict]:
+    for code, text in finish(start(spec, ranks=ranks), timeout=timeout):
+        assert code == 0, text[-3000:]
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def trajectory_jobs(tmp: Path) -> list[dict]:
+    """8 plain steps (for parity), then 8 noisy steps whole and as 4 + resume + 4 (for resume)."""
+    return [{"run_dir": str(tmp / "plain")},
+            {"run_dir": str(tmp / "whole"), "noisy": True},
+            {"run_dir": str(tmp / "split"), "noisy": True, "until": 4},
+            {"run_dir": str(tmp / "split"), "noisy": True, "resume": True}]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The jobs on one process with ZeRO-0: the trajectories everything else must reproduce."""
+    tmp = tmp_path_factory.mktemp("single")
+    return launch({"jobs": trajectory_jobs(tmp), "out": str(tmp / "out.json")}, ranks=1)
+
+
+def assert_same_run(result: dict, expected: dict, *, rel: float) -> None:
+    assert result["losses"] == pytest.approx(expected["losses"], rel=rel, abs=1e-8)
+    for name, value in expected["ema"].items():
+        torch.testing.assert_close(torch.tensor(result["ema"][name]), torch.tensor(value), rtol=rel, atol=1e-7)
+
+
+def test_resume_continues_the_same_trajectory_single_process(single):
+    plain, whole, first, second = single
+    assert len(first["losses"]) == 4 and len(second["losses"]) == 4
+    # Noisy inputs: the resumed half must also redraw the same per-step random numbers.
+    assert_same_run({"losses": first["losses"] + second["losses"], "ema": second["ema"]}, whole, rel=1e-6)
+
+
+def test_zero2_on_two_ranks_matches_one_process_and_resumes(tmp_path, single):
+    plain, whole, first, second = launch({"jobs": trajectory_jobs(tmp_path), "out": str(tmp_path / "out.json"),
+                                          "overrides": {"parallel.zero_stage": 2}}, ranks=2)
+    assert_same_run(plain, single[0], rel=1e-5)  # same global batch, split over two ranks
+    assert_same_run({"losses": first["losses"] + second["losses"], "ema": second["ema"]}, whole, rel=1e-6)
+
+
+def test_zero3_on_two_ranks_matches_one_process_and_resumes(tmp_path, single):
+    plain, whole, first, second = launch({"jobs": trajectory_jobs(tmp_path), "out": str(tmp_path / "out.json"),
+                                          "overrides": {"parallel.zero_stage": 3}}, ranks=2)
+    assert_same_run(plain, single[0], rel=1e-5)
+    assert_same_run({"losses": first["losses"] + second["losses"], "ema": second["ema"]}, whole, rel=1e-6)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_bf16_checkpoint_round_trips_master_weights_and_moments_exactly(tmp_path, zero_stage):
+    """The fp32 masters and Adam moments live in DeepSpeed's shards under bf16; a resume must restore them
+    bit for bit (the bf16 module weights alone would lose them)."""
+    from checkpoint import gather_state
+    from train import Trainer
+
+    overrides = {"parallel.precision": "bf16", "parallel.zero_stage": zero_stage, "steps": 3}
+    trainer = Trainer(loop_config(tmp_path, **overrides), Regression())
+    trainer.run()
+    saved = gather_state(trainer.engine)
+    resumed = Trainer(loop_config(tmp_path, **overrides), Regression())
+    resumed.resume("latest")
+    restored = gather_state(resumed.engine)
+    assert restored[2] == saved[2] == 3  # optimizer steps
+    for before, after in zip(saved[:2], restored[:2], strict=True):
+        assert before.keys() == after.keys()
+        for name in before:
+            assert torch.equal(before[name], after[name]), name
+
+
+def test_a_crashed_rank_makes_every_rank_exit_nonzero_in_bounded_time(tmp_path):
+    spec = {"jobs": [{"run_dir": str(tmp_path / "run")}], "out": str(tmp_path / "out.json"), "crash_rank": 1,
+            "overrides": {"parallel.timeout_s": 20.0}}
+    started = time.monotonic()
+    results = finish(start(spec, ranks=2), timeout=120)
+    assert all(code != 0 for code, _ in results), [text[-1000:] for _, text in results]
+    assert time.monotonic() - started < 100
+
+
+class Skipping(Regression):
+    """The Regression stream with some positions left out: what a run that skips them must equal."""
+
+    def __init__(self, *, leave_out: tuple[int, ...]):
+        super().__init__()
+        self.leave_out = set(leave_out)
+
+    def batches(self, *, dp_rank: int, dp_size: int):
+        for batch in super().batches(dp_rank=dp_rank, dp_size=dp_size):
+            if self.position - 1 not in self.leave_out:
+                yield batch
+
+
+def test_nonfinite_losses_are_skipped_counted_and_leave_the_weights_untouched(tmp_path):
+    from train import Trainer
+
+    poisoned = Trainer(loop_config(tmp_path / "a"), Regression(nan_at=(2, 3, 6)))
+    history = poisoned.run()
+    clean = Trainer(loop_config(tmp_path / "b"), Skipping(leave_out=(2, 3, 6)))
+    expected = clean.run()
+    assert poisoned.counters["skipped_nonfinite"] == 3 and history[-1]["skipped_nonfinite"] == 3
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in expected], rel=1e-6)
+    for name, value in clean.ema.weights.items():
+        torch.testing.assert_close(poisoned.ema.weights[name], value)
+
+
+def test_too_many_nonfinite_losses_in_a_row_save_and_stop(tmp_path):
+    from checkpoint import resolve_checkpoint
+    from train import NonFiniteLossError, Trainer
+
+    trainer = Trainer(loop_config(tmp_path, max_consecutive_nonfinite=3), Regression(nan_at=tuple(range(2, 100))))
+    with pytest.raises(NonFiniteLossError, match="3 NaN/inf losses in a row at step 2"):
+        trainer.run()
+    assert json.loads((resolve_checkpoint(tmp_path / "checkpoints", "latest") / "state.json").read_text())["step"] == 2
+
+
+def test_sigkill_while_saving_leaves_a_loadable_latest(tmp_path):
+    """Kill a run at the moment a checkpoint folder is half written; `latest` must still load and resume."""
+    from checkpoint import resolve_checkpoint
+    from train import Trainer
+
+    spec = {"jobs": [{"run_dir": str(tmp_path)}], "out": str(tmp_path / "out.json"),
+            "overrides": {"steps": 100000, "checkpoint.every": 1, "checkpoint.keep": 2}}
+    (proc,) = start(spec, ranks=1)
+    checkpoints, deadline = tmp_path / "checkpoints", time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (checkpoints / "latest").exists() and any(checkpoints.glob(".tmp-*")):
+                os.kill(proc.pid, signal.SIGKILL)  # mid-save: a temporary folder exists right now
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-save"
+    folder = resolve_checkpoint(checkpoints, "latest")
+    step = json.loads((folder / "state.json").read_text())["step"]
+    trainer = Trainer(loop_config(tmp_path, steps=step + 2), Regression())
+    trainer.resume("latest")  # loads model, optimizer, EMA and RNG without error
+    assert trainer.step == step and len(trainer.run()) == 2
+
+
+def test_sigterm_saves_then_exits(tmp_path):
+    spec = {"jobs": [{"run_dir": str(tmp_path)}], "out": str(tmp_path / "out.json"), "overrides": {"steps": 100000}}
+    (proc,) = start(spec, ranks=1)
+    log, deadline = tmp_path / "log.jsonl", time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    ((code, text),) = finish([proc], timeout=60)
+    assert code == 128 + signal.SIGTERM, text[-2000:]
+    saved = json.loads((tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+                        / "state.json").read_text())["step"]
+    logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert saved == logged[-1] >= 3  # the checkpoint is the last completed step, nothing lost
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "configs" / "train").glob("*.yaml"), *(ROOT / "configs" / "demo").glob("*.yaml")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_training_config_loads_and_round_trips(path, tmp_path):
+    """A typo'd key or an invalid value in a shipped YAML fails here, not after a cluster job starts."""
+    from config import save_config
+    from train import TrainConfig
+
+    cfg = load_config(TrainConfig, path)
+    assert load_config(TrainConfig, save_config(cfg, tmp_path / "c.yaml")) == cfg

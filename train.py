@@ -1,0 +1,927 @@
+"""Train the VAE or the DiT: `python train.py --config configs/demo/dit.yaml [key=value ...]`.
+
+One plain process on a CPU needs no launcher; `deepspeed train.py ...` or `torchrun ...` runs many
+(gloo on CPU, NCCL on GPUs). Every run, one process or many, goes through the DeepSpeed engine: one code
+path, costing about 0.4 s at start-up and nothing measurable per step on a CPU (docs/training.md).
+
+Top to bottom: the loop's config; the `Task` protocol (what differs between models: how a batch becomes
+a loss); the `Trainer` (engine, EMA, NaN skipping, signals, logs, checkpoints); the DiT and VAE tasks;
+the full `TrainConfig`; the export to a generate.py model folder; the command line.
+
+    python train.py --config configs/demo/dit.yaml                 # train
+    python train.py --config configs/demo/dit.yaml --resume latest # continue the same trajectory
+    python train.py --export outputs/dit-demo --out models/demo    # EMA weights -> generate.py folder
+
+Faults. A NaN/inf loss skips its micro-batch on every rank (the flag is all-reduced) and is counted;
+after `max_consecutive_nonfinite` in a row the run saves and stops with an error. SIGTERM/SIGINT save a
+checkpoint at the next step boundary and exit with 128 + signal. Process groups have a timeout, so a
+crashed rank makes the others fail instead of hanging. Checkpoints are atomic (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+import checkpoint as ckpt
+from config import ConfigError, config_to_yaml, load_config
+from data.buckets import BucketConfig
+from dit import parallel
+from dit.conditioning import MaskSamplerConfig
+from dit.diffusion import DiffusionConfig
+from dit.model import DiTConfig
+from vae.losses import VAELossConfig
+from vae.model import VAEConfig
+
+TASKS = ("dit", "vae")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of AdamW, reached at the end of warm-up."""
+    betas: tuple[float, ...] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio on the last step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}: must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={self.betas}: must be two values in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"grad_clip={self.grad_clip}, weight_decay={self.weight_decay}: must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16'; 16-bit needs zero_stage >= 1 (free on one GPU, see __post_init__)."""
+    micro_batch_size: int = 1
+    """Samples per rank per micro-step (bucketed data: the DeepSpeed bookkeeping value, batches may vary)."""
+    grad_accum_steps: int = 1
+    """Micro-steps accumulated into one optimizer step."""
+    sp_size: int = 1
+    """Ulysses sequence-parallel degree: ranks that share one sample's tokens; must divide num_heads."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file merged over the config our YAML implies (its values win)."""
+    timeout_s: float = 600.0
+    """Collective timeout: a crashed or stuck rank makes every other rank fail after at most this long."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in parallel.ZERO_STAGES:
+            raise ValueError(f"zero_stage={self.zero_stage}: must be one of {parallel.ZERO_STAGES}")
+        if self.precision not in parallel.PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: must be one of {parallel.PRECISIONS}")
+        if self.precision != "fp32" and self.zero_stage == 0:
+            # DeepSpeed's stage-0 16-bit optimizer keeps flat fp32 copies with no per-parameter mapping, so
+            # checkpoints could not gather its state; ZeRO-1 on one GPU shards nothing and costs nothing.
+            raise ValueError(f"precision={self.precision!r} with zero_stage=0: 16-bit training needs zero_stage >= 1")
+        for name in ("micro_batch_size", "grad_accum_steps", "sp_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s={self.timeout_s}: must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Save every this many optimizer steps (and always at the end); 0 = only at the end."""
+    keep: int = 3
+    """Keep the newest this many checkpoints."""
+    export_at_end: bool = True
+    """Write the generation folder (RUN_DIR/export) from the final checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(f"every={self.every}, keep={self.keep}: need every >= 0 and keep >= 1")
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Write scalars (TensorBoard, JSONL) every this many optimizer steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files to RUN_DIR/tb."""
+    progress_bar: bool = True
+    """Show a tqdm bar on rank 0."""
+    media_every: int = 0
+    """DiT: sample videos from `sample_prompts`; VAE: log reconstructions; every N steps (0 = off)."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle moves right"])
+    """Fixed prompts sampled by the DiT task every `media_every` steps."""
+    sample_steps: int = 20
+    """Sampler steps for those samples."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.media_every < 0 or self.sample_steps < 1:
+            raise ValueError(f"every={self.every}, media_every={self.media_every}, sample_steps="
+                             f"{self.sample_steps}: need every >= 1, media_every >= 0, sample_steps >= 1")
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    """EMA decay per optimizer step; 0 turns EMA off (export then uses the raw weights)."""
+    start_step: int = 0
+    """EMA copies the weights until this step, then starts averaging."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"decay={self.decay}: must be in [0, 1)")
+        if self.start_step < 0:
+            raise ValueError(f"start_step={self.start_step}: must be >= 0")
+
+
+@dataclass
+class LoopConfig:
+    """Everything the training loop needs; the task sections (model, data) are in `TrainConfig`."""
+
+    run_dir: str = "outputs/run"
+    """Where checkpoints, logs, samples and the export go."""
+    seed: int = 0
+    """Seeds model init, data order and every noise draw (derived per step, so resume is exact)."""
+    steps: int = 1000
+    """Optimizer steps to train."""
+    max_consecutive_nonfinite: int = 10
+    """Stop (after saving) when this many micro-batches in a row have a NaN/inf loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and its schedule."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """DeepSpeed: ZeRO, precision, accumulation, sequence parallelism."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging and periodic media."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """Exponential moving average of the weights."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: must be >= 1")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"max_consecutive_nonfinite={self.max_consecutive_nonfinite}: must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# What is trained: a task turns batches into a loss
+# ----------------------------------------------------------------------------------------------------
+class Task(Protocol):
+    """The part of training that differs between the DiT and the VAE (and tiny test models)."""
+
+    model: torch.nn.Module
+
+    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[Any]:
+        """An endless stream of this data-parallel rank's micro-batches, continuing from `load_state_dict`."""
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable data position (sampler epoch and step)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+        """Scalar loss on this micro-batch and float logs; `model` is the DeepSpeed engine (call it)."""
+
+    def tokens(self, batch: Any) -> int:
+        """Work in a batch, for throughput (latent tokens for the DiT, pixels for the VAE)."""
+
+    def media(self, step: int, *, weights: dict[str, torch.Tensor], out_dir: Path, writer: Any) -> None:
+        """Rank 0, every `log.media_every` steps: samples or reconstructions from `weights`."""
+
+    def finish(self, run_dir: Path, *, weights: dict[str, torch.Tensor]) -> None:
+        """Rank 0, after the last step, with the weights that get exported (e.g. the VAE's latent statistics)."""
+
+
+def lr_at(step: int, *, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up to `lr`, then cosine decay to lr * min_lr_ratio at `total_steps`. `step` is 0-based."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    floor = optim.lr * optim.min_lr_ratio
+    return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(seed: int, *, step: int, micro: int, dp_rank: int) -> torch.Generator:
+    """Noise for one micro-batch, derived from (seed, step, micro, rank): a resumed run redraws it exactly.
+
+    A CPU generator: the peers draw on the generator's device and move the result, so a seed gives the
+    same numbers on any accelerator."""
+    mixed = (seed * 1_000_003 + step) * 1_000_033 + micro * 1_009 + dp_rank
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+class EMA:
+    """Exponential moving average of the weights, a full fp32 copy on every rank.
+
+    Updated from the module's weights after each optimizer step (in bf16/fp16 runs those are the 16-bit
+    compute weights, not the fp32 masters, which would need a gather per parameter on every step).
+    Under ZeRO-3 the weights are gathered for the update, so EMA costs a full fp32 copy of the model per
+    rank there: set ema.decay=0 for models that only fit sharded.
+    """
+
+    def __init__(self, module: torch.nn.Module, cfg: EMAConfig):
+        self.cfg = cfg
+        self.weights = _gathered_weights(module)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        decay = self.cfg.decay if step >= self.cfg.start_step else 0.0
+        for name, value in _gathered_weights(module).items():
+            self.weights[name].lerp_(value, 1.0 - decay)
+
+
+def _gathered_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):  # a no-op below ZeRO-3
+        return {name: p.detach().float().clone() for name, p in params.items()}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many NaN/inf losses in a row; a checkpoint was saved before raising."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+class Trainer:
+    """Owns the engine, the EMA, the logs and the checkpoints of one run; `run()` trains to `cfg.steps`."""
+
+    def __init__(self, cfg: LoopConfig, task: Task, *, config_yaml: str = ""):
+        import deepspeed
+
+        self.cfg, self.task = cfg, task
+        self.config_yaml = config_yaml or config_to_yaml(cfg)
+        self.run_dir = Path(cfg.run_dir)
+        parallel.init_distributed(timeout_s=cfg.parallel.timeout_s)
+        self.sp_group, self.dp_rank, self.dp_size = parallel.new_sequence_parallel_group(cfg.parallel.sp_size)
+        user = json.loads(Path(cfg.parallel.deepspeed_config).read_text()) if cfg.parallel.deepspeed_config else None
+        ds_config = parallel.build_deepspeed_config(
+            micro_batch_size=cfg.parallel.micro_batch_size, grad_accum_steps=cfg.parallel.grad_accum_steps,
+            data_parallel_size=parallel.world_size(), zero_stage=cfg.parallel.zero_stage,
+            precision=cfg.parallel.precision, grad_clip=cfg.optim.grad_clip, user_config=user)
+        # A torch AdamW, not DeepSpeed's: its fused optimizer is compiled on first use and fails on CPU.
+        optimizer = torch.optim.AdamW(task.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        self.engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, config=ds_config)
+        self.device = self.engine.device
+        self.ema = EMA(self.engine.module, cfg.ema) if cfg.ema.decay > 0 else None
+        self.step = 0
+        self.counters = {"skipped_nonfinite": 0, "consecutive_nonfinite": 0}
+        self._stop_signal: int | None = None
+        self._writer = self._jsonl = self._bar = None
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path:
+        state = {"counters": self.counters, "data": self.task.state_dict()}
+        return ckpt.save_checkpoint(self.checkpoint_dir, step=self.step, engine=self.engine, trainer_state=state,
+                                    config_yaml=self.config_yaml, ema=self.ema.weights if self.ema else None,
+                                    keep=self.cfg.checkpoint.keep)
+
+    def resume(self, which: str) -> None:
+        folder = ckpt.resolve_checkpoint(self.checkpoint_dir, which)
+        state, ema, rng = ckpt.load_checkpoint(folder, engine=self.engine)
+        self.step, self.counters = state["step"], state["counters"]
+        self.task.load_state_dict(state["data"])
+        ckpt.set_rng_state(rng)
+        if self.ema is not None:
+            if ema is None:
+                raise ValueError(f"{folder} has no ema.safetensors but ema.decay={self.cfg.ema.decay} > 0")
+            self.ema.weights = {name: value.to(self.device) for name, value in ema.items()}
+        if parallel.is_main():
+            print(f"resumed from {folder} at step {self.step}", file=sys.stderr)
+
+    # -- one optimizer step --------------------------------------------------------------------------
+    def train_step(self, batches: Iterator[Any]) -> dict[str, float]:
+        """Accumulate `grad_accum_steps` finite micro-batches, then step. NaN/inf micro-batches are skipped."""
+        cfg = self.cfg
+        lr = lr_at(self.step, optim=cfg.optim, total_steps=cfg.steps)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        losses, logs, tokens, micro = [], {}, 0, 0
+        while micro < cfg.parallel.grad_accum_steps:
+            batch = next(batches)
+            generator = step_generator(cfg.seed, step=self.step, micro=micro + self.counters["consecutive_nonfinite"],
+                                       dp_rank=self.dp_rank)
+            loss, logs = self.task.loss(self.engine, batch, generator=generator, step=self.step)
+            if parallel.any_rank(not bool(torch.isfinite(loss.detach()).all())):
+                self.counters["skipped_nonfinite"] += 1
+                self.counters["consecutive_nonfinite"] += 1
+                if self.counters["consecutive_nonfinite"] >= cfg.max_consecutive_nonfinite:
+                    self.save()
+                    raise NonFiniteLossError(
+                        f"{self.counters['consecutive_nonfinite']} NaN/inf losses in a row at step {self.step} "
+                        f"(max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); saved a checkpoint in "
+                        f"{self.checkpoint_dir}. Lower optim.lr, use bf16 instead of fp16, or check the data.")
+                continue
+            self.counters["consecutive_nonfinite"] = 0
+            self.engine.backward(loss)
+            grad_norm = self._stage0_grad_norm() if self.engine.is_gradient_accumulation_boundary() else None
+            self.engine.step()
+            losses.append(loss.detach().float().item())
+            tokens += self.task.tokens(batch)
+            micro += 1
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.engine.module, self.step)
+        grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
+        return {"loss": parallel.mean_over_ranks(sum(losses) / len(losses)), "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens": tokens * parallel.world_size() / self.cfg.parallel.sp_size,
+                "skipped_nonfinite": self.counters["skipped_nonfinite"], **logs}
+
+    def _stage0_grad_norm(self) -> float | None:
+        # DeepSpeed reports the norm for its ZeRO/bf16 optimizers; with a bare torch optimizer we measure it
+        # (gradients are already averaged over ranks after the boundary backward).
+        if self.engine.zero_optimization_stage() > 0 or self.engine.bfloat16_enabled():
+            return None
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.stack(grads).norm().item() if grads else 0.0
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self, *, until: int | None = None) -> list[dict[str, float]]:
+        """Train from `self.step` to `until` (default `cfg.steps`, which also sets the LR schedule's length),
+        save, and return the per-step logs (rank 0 also writes them to disk)."""
+        cfg = self.cfg
+        until = cfg.steps if until is None else min(until, cfg.steps)
+        self._install_signal_handlers()
+        self._open_logs()
+        batches = self.task.batches(dp_rank=self.dp_rank, dp_size=self.dp_size)
+        history, started = [], time.perf_counter()
+        try:
+            while self.step < until:
+                tick = time.perf_counter()
+                logs = self.train_step(batches)
+                logs["tokens_per_s"] = logs.pop("tokens") / max(time.perf_counter() - tick, 1e-9)
+                history.append({"step": self.step, **logs})
+                self._log(logs)
+                if cfg.log.media_every and self.step % cfg.log.media_every == 0:
+                    weights = self.export_weights()
+                    if parallel.is_main():
+                        self.task.media(self.step, weights=weights, out_dir=self.run_dir / "media", writer=self._writer)
+                if parallel.any_rank(self._stop_signal is not None):
+                    self.save()
+                    raise SystemExit(128 + (self._stop_signal or signal.SIGTERM))
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < until:
+                    self.save()
+            self.save()
+            weights = self.export_weights() if self.step == cfg.steps else None
+            if parallel.is_main() and weights is not None:
+                self.task.finish(self.run_dir, weights=weights)
+                print(f"trained {self.step} steps in {time.perf_counter() - started:.1f}s; "
+                      f"skipped {self.counters['skipped_nonfinite']} non-finite micro-batches", file=sys.stderr)
+        finally:
+            self._close_logs()
+        return history
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The weights that samples and the export use: the EMA, else the raw weights. Collective under ZeRO-3."""
+        return self.ema.weights if self.ema is not None else _gathered_weights(self.engine.module)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):  # noqa: ANN001 (signal handler signature)
+            self._stop_signal = signum  # acted on at the next step boundary, on every rank together
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, request_stop)
+
+    # -- logs ----------------------------------------------------------------------------------------
+    def _open_logs(self) -> None:
+        if not parallel.is_main():
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "log.jsonl", "a")
+        if self.cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        if self.cfg.log.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.cfg.steps, initial=self.step, dynamic_ncols=True)
+
+    def _log(self, logs: dict[str, float]) -> None:
+        if not parallel.is_main():
+            return
+        if self._bar is not None:  # tqdm's own rate and remaining time make the ETA
+            self._bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
+                                  tok_s=f"{logs['tokens_per_s']:.0f}", refresh=False)
+            self._bar.update(1)
+        if self.step % self.cfg.log.every and self.step != self.cfg.steps:
+            return
+        self._jsonl.write(json.dumps({"step": self.step, "time": time.time(), **logs}) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for key, value in logs.items():
+                self._writer.add_scalar(f"train/{key}", value, self.step)
+
+    def _close_logs(self) -> None:
+        for handle in (self._bar, self._jsonl, self._writer):
+            if handle is not None:
+                handle.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: endless, resumable bucketed batches
+# ----------------------------------------------------------------------------------------------------
+class BucketStream:
+    """Endless batches from a bucketed dataset; `state_dict` is the sampler's position in its epoch.
+
+    Files that fail to decode are replaced by the dataset and counted here; past the monitor's
+    threshold the run stops with the list of files (data/dataset.py: BadDataMonitor).
+    """
+
+    def __init__(self, dataset, *, seed: int, collate, num_workers: int):
+        from data.dataset import BadDataMonitor
+
+        self.dataset, self.seed, self.collate, self.num_workers = dataset, seed, collate, num_workers
+        self.monitor = BadDataMonitor()
+        self.sampler_state: dict | None = None
+        self._sampler, self._steps_done = None, 0
+
+    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
+        from data.dataset import make_loader
+
+        self._sampler = self.dataset.sampler(seed=self.seed, rank=dp_rank, world_size=dp_size)
+        if self.sampler_state is not None:
+            self._sampler.load_state_dict(self.sampler_state)
+        while True:
+            epoch = self._sampler.epoch
+            self.dataset.set_epoch(epoch)
+            self._steps_done = self._sampler.position
+            for batch in make_loader(self.dataset, self._sampler, num_workers=self.num_workers,
+                                     collate_fn=self.collate):
+                self._steps_done += 1
+                self.monitor.update(batch)
+                yield batch
+            self._sampler.set_epoch(epoch + 1)
+
+    def state_dict(self) -> dict:
+        if self._sampler is None:
+            return self.sampler_state or {}
+        # Workers fetch ahead of the loop, so the position is what the loop consumed, not what was fetched.
+        return self._sampler.state_dict(steps_done=self._steps_done)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler_state = state or None
+
+
+def _pad_text(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad text states (B, S, Dt) and mask (B, S) with masked zeros to S = length."""
+    pad = length - hidden.shape[1]
+    return (torch.nn.functional.pad(hidden, (0, 0, 0, pad)),  # (B, length, Dt)
+            torch.nn.functional.pad(mask, (0, pad), value=False))  # (B, length)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The DiT task
+# ----------------------------------------------------------------------------------------------------
+class DiTTask:
+    """Latents (cached, or encoded on the fly by a frozen VAE) + captions -> diffusion loss.
+
+    Caption dropout swaps a sample's caption for the empty prompt (the unconditional input of
+    classifier-free guidance); condition masks (i2v, extension, loop, keyframes, inpaint) are drawn per
+    sample with the ratios of `cond`. Both draw from the step's generator, so they replay on resume.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, device: torch.device):
+        from data.cache import CachedLatentDataset, collate_latents
+        from data.dataset import VideoDataset, collate_samples
+        from dit.diffusion import build_process
+        from dit.model import DiT
+        from dit.text_encoder import TextEncoder
+        from vae.model import CausalVAE
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = DiT(cfg.dit)
+        self.process = build_process(cfg.diffusion)
+        self.text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, device=device)
+        self.empty_text = self.text_encoder.encode([""])  # (1, S, Dt), (1, S)
+        self.vae = CausalVAE.from_pretrained(cfg.vae_path, device=device)
+        self.vae.requires_grad_(False)
+        _check_dit_fits(cfg, text_dim=self.text_encoder.dim, max_text_len=self.text_encoder.max_length,
+                        latent_channels=self.vae.cfg.latent_channels)
+        if cfg.data.latent_cache:
+            dataset, collate = CachedLatentDataset(cfg.data.latent_cache), collate_latents
+        else:
+            dataset, collate = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed), collate_samples
+        self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate, num_workers=cfg.data.num_workers)
+
+    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
+        return self.stream.batches(dp_rank=dp_rank, dp_size=dp_size)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    @torch.no_grad()
+    def _inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device, torch.float32)  # (B, C, T', H', W')
+            text, text_mask = batch["text_hidden"].to(self.device, torch.float32), batch["text_mask"].to(self.device)
+        else:
+            video = batch["video"].to(self.device)  # (B, 3, T, H, W)
+            latents = self.vae.encode(video, sample=True, generator=generator)  # (B, C, T', H', W')
+            text, text_mask = self.text_encoder.encode(batch["text"])  # (B, S, Dt), (B, S)
+        empty, empty_mask = self.empty_text
+        length = max(text.shape[1], empty.shape[1])
+        text, text_mask = _pad_text(text, text_mask, length)  # (B, S, Dt), (B, S)
+        empty, empty_mask = _pad_text(empty, empty_mask, length)  # (1, S, Dt), (1, S)
+        drop = (torch.rand(latents.shape[0], generator=generator) < self.cfg.data.caption_dropout).to(self.device)
+        text = torch.where(drop[:, None, None], empty, text)  # (B, S, Dt)
+        text_mask = torch.where(drop[:, None], empty_mask, text_mask)  # (B, S)
+        return latents, text, text_mask
+
+    def loss(self, model, batch: dict, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+        from dit.conditioning import sample_cond_mask
+        from dit.diffusion import training_loss
+
+        latents, text, text_mask = self._inputs(batch, generator)  # (B, C, T', H', W')
+        batch_size, _, frames, height, width = latents.shape
+        cond_mask = sample_cond_mask(self.cfg.cond, batch_size, frames, height, width, generator).to(self.device)
+        dtype = next(model.parameters()).dtype  # bf16/fp16 engines hold half weights; feed them half inputs
+
+        def predict(x, t, text, text_mask):  # noqa: ANN001, ANN202 (training_loss's model signature)
+            return model(x.to(dtype), t, text.to(dtype), text_mask)
+
+        loss, logs = training_loss(predict, latents, process=self.process, text=text, text_mask=text_mask,
+                                   cond_mask=cond_mask, generator=generator, patch_size=self.cfg.dit.patch_size)
+        return loss, {f"dit/{key}": float(value) for key, value in logs.items() if key != "loss"}
+
+    def tokens(self, batch: dict) -> int:
+        from dit.diffusion import num_tokens
+
+        if "latents" in batch:
+            return num_tokens(batch["latents"].shape, self.cfg.dit.patch_size)
+        batch_size, _, frames, height, width = batch["video"].shape
+        latent = (batch_size, 0, *self.vae.latent_shape(frames, height, width))
+        return num_tokens(latent, self.cfg.dit.patch_size)
+
+    @torch.no_grad()
+    def media(self, step: int, *, weights: dict[str, torch.Tensor], out_dir: Path, writer: Any) -> None:
+        """Sample the fixed prompts with `weights` (the EMA) at the largest bucket; write mp4s and TensorBoard."""
+        from einops import rearrange
+
+        from data.video_io import write_video
+        from dit.model import DiT
+        from dit.sampling import sample
+
+        model = DiT(self.cfg.dit).to(self.device).eval()
+        model.load_state_dict(weights)
+        bucket = max(self.cfg.data.buckets.buckets(), key=self.cfg.data.buckets.tokens)
+        prompts = self.cfg.log.sample_prompts
+        shape = (len(prompts), self.vae.cfg.latent_channels, *self.vae.latent_shape(
+            bucket.num_frames, bucket.height, bucket.width))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.cfg.seed)).to(self.device)
+        text, text_mask = self.text_encoder.encode(prompts)  # (N, S, Dt), (N, S)
+        latents = sample(model, noise, process=self.process, sampler="euler" if self.cfg.diffusion.process == "flow"
+                         else "ddim", steps=self.cfg.log.sample_steps, text=text, text_mask=text_mask, progress=False,
+                         patch_size=self.cfg.dit.patch_size)  # (N, C, T', H', W')
+        videos = self.vae.decode(latents)  # (N, 3, T, H, W)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for index, video in enumerate(videos):
+            write_video(out_dir / f"step{step:08d}_prompt{index}.mp4", video.cpu(), fps=8.0)
+        if writer is not None:  # a strip of frames per prompt: TensorBoard's add_video needs moviepy
+            strip = rearrange(videos[:, :, :: max(1, videos.shape[2] // 8)], "n c t h w -> c (n h) (t w)")
+            writer.add_image("samples", (strip.cpu() + 1) / 2, step)
+
+    def finish(self, run_dir: Path, *, weights: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def _check_dit_fits(cfg: TrainConfig, *, text_dim: int, max_text_len: int, latent_channels: int) -> None:
+    if cfg.dit.text_dim != text_dim:
+        raise ValueError(f"dit.text_dim={cfg.dit.text_dim}: must equal the text encoder's width {text_dim} "
+                         f"(text_encoder={cfg.text_encoder!r})")
+    if cfg.dit.text_len < max_text_len:
+        raise ValueError(f"dit.text_len={cfg.dit.text_len}: must be >= the text encoder's max_length {max_text_len}")
+    if cfg.dit.in_channels != latent_channels:
+        raise ValueError(f"dit.in_channels={cfg.dit.in_channels}: must equal the VAE's latent channels "
+                         f"{latent_channels} (vae_path={cfg.vae_path!r})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The VAE task
+# ----------------------------------------------------------------------------------------------------
+class VAEWithLoss(torch.nn.Module):
+    """The VAE and its loss (with the discriminator) as one module, so one engine and one AdamW train both.
+
+    Each part gets only its own gradient: the discriminator is frozen while it scores the reconstruction
+    for the generator's adversarial term, and its hinge loss sees the reconstruction detached.
+    """
+
+    def __init__(self, vae_cfg: VAEConfig, loss_cfg: VAELossConfig):
+        from vae.losses import VAELoss
+        from vae.model import CausalVAE
+
+        super().__init__()
+        self.vae = CausalVAE(vae_cfg)
+        self.loss_fn = VAELoss(loss_cfg)
+
+    def forward(self, x: torch.Tensor, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+        recon, posterior = self.vae(x, generator=generator)  # (B, 3, T, H, W)
+        disc = self.loss_fn.discriminator
+        if disc is None:
+            return self.loss_fn(x, recon, posterior, step=step)
+        disc.requires_grad_(False)
+        total, logs = self.loss_fn(x, recon, posterior, step=step)
+        disc.requires_grad_(True)
+        disc_loss, disc_logs = self.loss_fn.discriminator_loss(x, recon.detach())
+        # Before the discriminator's start step its loss still runs, weighted 0, so every rank and ZeRO stage
+        # sees the same set of parameters with gradients on every step.
+        active = 1.0 if self.loss_fn.discriminator_active(step) else 0.0
+        return total + active * disc_loss, {**logs, **disc_logs}
+
+
+class VAETask:
+    """Pixel clips and images from a manifest -> reconstruction + KL (+ adversarial) loss (vae/losses.py)."""
+
+    def __init__(self, cfg: TrainConfig, *, device: torch.device):
+        from data.dataset import VideoDataset, collate_samples
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = VAEWithLoss(cfg.vae, cfg.vae_loss)
+        dataset = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed)
+        self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate_samples, num_workers=cfg.data.num_workers)
+        self.media_batch: torch.Tensor | None = None
+
+    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
+        return self.stream.batches(dp_rank=dp_rank, dp_size=dp_size)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def loss(self, model, batch: dict, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+        if self.media_batch is None:  # the first clip seen is the one reconstructed in the logs, every time
+            self.media_batch = batch["video"][:1]
+        dtype = next(model.parameters()).dtype  # bf16/fp16 engines hold half weights; feed them half inputs
+        total, logs = model(batch["video"].to(self.device, dtype), generator=generator, step=step)
+        return total, {f"vae/{key}": float(value) for key, value in logs.items()}
+
+    def tokens(self, batch: dict) -> int:
+        return batch["video"][:, 0].numel()  # pixels (B * T * H * W)
+
+    def _vae(self, weights: dict[str, torch.Tensor]):
+        from vae.model import CausalVAE
+
+        vae = CausalVAE(self.cfg.vae).to(self.device).eval()
+        vae.load_state_dict(vae_weights(weights))
+        return vae
+
+    @torch.no_grad()
+    def media(self, step: int, *, weights: dict[str, torch.Tensor], out_dir: Path, writer: Any) -> None:
+        """Write the first training clip and its reconstruction side by side (mp4, and a TensorBoard strip)."""
+        from einops import rearrange
+
+        from data.video_io import write_video
+
+        if self.media_batch is None:
+            return
+        x = self.media_batch.to(self.device)  # (1, 3, T, H, W)
+        recon = self._vae(weights)(x, sample=False)[0].clamp(-1, 1)  # (1, 3, T, H, W)
+        pair = torch.cat([x, recon], dim=-1)[0].cpu()  # (3, T, H, 2W)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_video(out_dir / f"step{step:08d}_recon{'.png' if pair.shape[1] == 1 else '.mp4'}", pair, fps=8.0)
+        if writer is not None:
+            writer.add_image("reconstruction", (rearrange(pair[:, :: max(1, pair.shape[1] // 8)],
+                                                          "c t h w -> c h (t w)") + 1) / 2, step)
+
+    def finish(self, run_dir: Path, *, weights: dict[str, torch.Tensor]) -> None:
+        """Per-channel latent statistics of the exported weights over the training data (vae/stats.py)."""
+        from vae.stats import compute_latent_stats, manifest_clips
+
+        bucket = max(self.cfg.data.buckets.buckets(), key=self.cfg.data.buckets.tokens)
+        clips = manifest_clips(Path(self.cfg.data.manifest), num_clips=self.cfg.vae_stats_clips,
+                               frames=bucket.num_frames, size=min(bucket.height, bucket.width), seed=self.cfg.seed)
+        mean, std = compute_latent_stats(self._vae(weights), (clip.to(self.device) for clip in clips))
+        (run_dir / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std}, indent=2))
+
+
+def vae_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CausalVAE's own weights from a VAEWithLoss state (drops the discriminator)."""
+    return {name.removeprefix("vae."): value for name, value in weights.items() if name.startswith("vae.")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The full config
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    manifest: str | None = None
+    """Pixel data: a .csv/.jsonl manifest (`python -m data.synthetic` writes one). VAE, or DiT without cache."""
+    latent_cache: str | None = None
+    """DiT: a `python -m data.cache` folder of latents + text embeddings, used instead of `manifest`; its
+    bucket grid is the one it was built with (cache.json), `buckets` then only sizes samples and export."""
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    """Resolutions, aspect ratios, frame counts and the per-batch token budget (data/buckets.py)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    caption_dropout: float = 0.1
+    """DiT: probability of replacing a caption by the empty prompt (trains classifier-free guidance)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers}: must be >= 0")
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout={self.caption_dropout}: must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """A whole run: the loop settings (LoopConfig) plus what is trained and on which data."""
+
+    task: str = "dit"
+    """'dit' (the diffusion transformer) or 'vae' (the causal video VAE)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    dit: DiTConfig = field(default_factory=lambda: DiTConfig.from_preset("debug"))
+    """DiT architecture (task 'dit')."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Flow matching or DDPM (task 'dit'); exported to pipeline.json."""
+    cond: MaskSamplerConfig = field(default_factory=MaskSamplerConfig)
+    """Condition-mask ratios: i2v, extension, loop, keyframes, inpaint (task 'dit')."""
+    text_encoder: str = "default"
+    """Text encoder: 'default' (embedded), a folder or a hub id (task 'dit')."""
+    vae_path: str | None = None
+    """Task 'dit': folder of the trained VAE: encodes pixels when there is no cache, decodes samples, is exported."""
+    vae: VAEConfig = field(default_factory=lambda: VAEConfig.from_preset("debug"))
+    """VAE architecture (task 'vae')."""
+    vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
+    """Reconstruction, KL and discriminator weights (task 'vae')."""
+    vae_stats_clips: int = 64
+    """Task 'vae': clips used for the latent statistics computed at the end (stored with the export)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: must be one of {TASKS}")
+        if self.task == "dit":
+            if not self.vae_path:
+                raise ValueError("vae_path=None: task 'dit' needs the trained VAE folder (train one with task=vae)")
+            if not (self.data.latent_cache or self.data.manifest):
+                raise ValueError("data.latent_cache and data.manifest are both unset: task 'dit' needs one")
+            if tuple(self.cond.patch_size) != tuple(self.dit.patch_size):
+                raise ValueError(f"cond.patch_size={self.cond.patch_size}: must equal dit.patch_size="
+                                 f"{self.dit.patch_size} (condition boxes align to tokens)")
+            parallel.check_heads_divisible(self.dit.num_heads, self.parallel.sp_size)
+        if self.task == "vae" and not self.data.manifest:
+            raise ValueError("data.manifest=None: task 'vae' trains on pixels and needs a manifest")
+        if self.parallel.sp_size > 1:
+            raise ValueError(f"parallel.sp_size={self.parallel.sp_size}: sequence-parallel training needs the DiT "
+                             "forward split into embed/blocks/head (not in dit/model.py yet); use 1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export: checkpoint -> the model folder generate.py loads
+# ----------------------------------------------------------------------------------------------------
+def export(run_dir: str | Path, out_dir: str | Path, *, which: str = ckpt.LATEST) -> Path:
+    """Write the EMA weights (raw weights when EMA was off) of a run's checkpoint as a model folder.
+
+    DiT runs: OUT/dit/, OUT/vae/ (copied from `vae_path`), OUT/text_encoder/ when the encoder is a local
+    folder, and OUT/pipeline.json (diffusion config, encoder name, generation defaults). VAE runs: OUT/vae/
+    with the latent statistics measured at the end of training. Written beside OUT, then renamed.
+    """
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = ckpt.resolve_checkpoint(Path(run_dir) / "checkpoints", which)
+    cfg = load_config(TrainConfig, folder / "config.yaml")
+    weights = load_file(folder / ("ema.safetensors" if (folder / "ema.safetensors").is_file() else "model.safetensors"))
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.task == "dit":
+        _export_dit(cfg, weights, tmp)
+    else:
+        _export_vae(cfg, weights, tmp, stats_file=Path(run_dir) / "latent_stats.json")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _export_dit(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path) -> None:
+    import shutil
+
+    from dit.model import DiT
+    from dit.pipeline import PIPELINE_FILE, GenerationDefaults, PipelineConfig, write_json_atomic
+
+    model = DiT(cfg.dit)
+    model.load_state_dict(weights)
+    model.save_pretrained(out / "dit")
+    shutil.copytree(cfg.vae_path, out / "vae")
+    if Path(cfg.text_encoder).is_dir():  # a local encoder travels with the model; a name or hub id does not
+        shutil.copytree(cfg.text_encoder, out / "text_encoder")
+    bucket = max(cfg.data.buckets.buckets(), key=cfg.data.buckets.tokens)
+    defaults = GenerationDefaults(height=bucket.height, width=bucket.width, frames=bucket.num_frames,
+                                  sampler="euler" if cfg.diffusion.process == "flow" else "ddim")
+    pipeline = PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)
+    write_json_atomic(out / PIPELINE_FILE, pipeline.to_json_dict())
+
+
+def _export_vae(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path, *, stats_file: Path) -> None:
+    from vae.model import CausalVAE
+
+    vae_cfg = cfg.vae
+    if stats_file.is_file():
+        stats = json.loads(stats_file.read_text())
+        vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats["mean"], latents_std=stats["std"])
+    model = CausalVAE(vae_cfg)
+    model.load_state_dict(vae_weights(weights))
+    model.save_pretrained(out / "vae")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry
+# ----------------------------------------------------------------------------------------------------
+def build_task(cfg: TrainConfig) -> Task:
+    device = torch.device("cuda", parallel.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return DiTTask(cfg, device=device) if cfg.task == "dit" else VAETask(cfg, device=device)
+
+
+def main(cfg: TrainConfig, *, resume: str | None = None) -> list[dict[str, float]]:
+    """Train per `cfg` (resuming from a checkpoint when asked) and export at the end."""
+    parallel.init_distributed(timeout_s=cfg.parallel.timeout_s)
+    trainer = Trainer(cfg, build_task(cfg))
+    if resume:
+        trainer.resume(resume)
+    history = trainer.run()
+    if cfg.checkpoint.export_at_end and parallel.is_main():
+        print(f"exported to {export(cfg.run_dir, Path(cfg.run_dir) / 'export')}", file=sys.stderr)
+    parallel.barrier()
+    return history
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train the Spacetime VAE or DiT (one process or DeepSpeed).")
+    parser.add_argument("--config", help="YAML config (configs/train/*.yaml, configs/demo/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=100 parallel.zero_stage=2")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder: continue that run")
+    parser.add_argument("--export", metavar="RUN_DIR", help="write RUN_DIR's latest EMA weights as a model folder")
+    parser.add_argument("--out", help="model folder written by --export")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = parser.parse_args(argv)
+    if args.export:
+        if not args.out:
+            parser.error("--export needs --out MODEL_DIR")
+        print(export(args.export, args.out))
+        return 0
+    if not args.config:
+        parser.error("--config is required to train")
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    try:
+        main(cfg, resume=args.resume)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        parallel.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
