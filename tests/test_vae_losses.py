@@ -1,0 +1,99 @@
+"""VAE losses: SSIM against its closed form, loss bookkeeping, hinge values, a training step that learns."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vae.losses import VAELoss, VAELossConfig, ssim
+from vae.model import CausalVAE, DiagonalGaussian, VAEConfig
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # 2 shared cores: torch's thread pool spins against the other test processes
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def clip(frames: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(2, 3, frames, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_ssim_closed_forms():
+    x = clip(3)
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    # constant frames a and b: no variance, so SSIM is the luminance term (2ab + c1) / (a^2 + b^2 + c1)
+    a, b, c1 = 0.3, -0.2, (0.01 * 2.0) ** 2
+    value = ssim(torch.full((1, 3, 2, 16, 16), a), torch.full((1, 3, 2, 16, 16), b))
+    assert value.item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-5)
+    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    noisier = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert 1.0 > ssim(noisy, x) > ssim(noisier, x)
+    with pytest.raises(ValueError, match="at least 11 pixels"):
+        ssim(torch.zeros(1, 3, 1, 8, 8), torch.zeros(1, 3, 1, 8, 8))
+
+
+@pytest.mark.parametrize("frames", [1, 5])  # images and clips go through the same loss
+def test_total_is_the_weighted_sum_and_the_discriminator_waits(frames):
+    cfg = VAELossConfig(l1_weight=1.0, ssim_weight=0.5, kl_weight=0.01, disc_weight=0.3, disc_start_step=10,
+                        disc_base_dim=8, disc_layers=2)  # fmt: skip
+    loss_fn = VAELoss(cfg)
+    x, recon = clip(frames), clip(frames, seed=1)
+    moments = torch.randn(2, 8, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    posterior = DiagonalGaussian(moments)
+    total, logs = loss_fn(x, recon, posterior, step=9)
+    assert "generator_adv" not in logs and not loss_fn.discriminator_active(9)
+    expected = logs["l1"] + 0.5 * (1 - logs["ssim"]) + 0.01 * logs["kl"]
+    assert torch.allclose(total, expected) and torch.equal(logs["kl"], posterior.kl().mean())
+    total, logs = loss_fn(x, recon, posterior, step=10)
+    assert loss_fn.discriminator_active(10)
+    assert torch.allclose(total, expected + 0.3 * logs["generator_adv"])
+    assert logs["generator_adv"] == -loss_fn.discriminator(recon).mean()
+
+
+class ConstantLogits(nn.Module):
+    """A stand-in discriminator: logit `real` for the real batch (first call), `fake` otherwise."""
+
+    def __init__(self, real: float, fake: float) -> None:
+        super().__init__()
+        self.values = [real, fake]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1, x.shape[2], 2, 2), self.values.pop(0))
+
+
+@pytest.mark.parametrize(("real", "fake", "expected"), [(0.5, -2.0, 0.5), (2.0, 0.5, 1.5), (-1.0, -1.0, 2.0)])
+def test_hinge_discriminator_loss(real, fake, expected):
+    loss_fn = VAELoss(VAELossConfig.from_preset("debug"))
+    loss_fn.discriminator = ConstantLogits(real, fake)
+    loss, _ = loss_fn.discriminator_loss(clip(1), clip(1, seed=1))
+    assert loss.item() == pytest.approx(expected)
+
+
+def test_a_few_steps_reduce_the_loss_and_train_the_discriminator():
+    torch.manual_seed(0)
+    vae = CausalVAE(VAEConfig.from_preset("debug"))
+    loss_fn = VAELoss(VAELossConfig.from_preset("debug"))
+    vae_opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    disc_opt = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=1e-3)
+    coarse = torch.rand(2, 3, 5, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = F.interpolate(coarse, size=(5, 16, 16), mode="trilinear")  # a smooth clip, (B, 3, T, H, W)
+    generator = torch.Generator().manual_seed(0)
+    l1, disc = [], []
+    for step in range(12):
+        recon, posterior = vae(x, generator=generator)
+        total, logs = loss_fn(x, recon, posterior, step=step)
+        vae_opt.zero_grad()
+        total.backward()
+        vae_opt.step()
+        disc_opt.zero_grad()
+        d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach())
+        d_loss.backward()
+        disc_opt.step()
+        l1.append(logs["l1"].item())
+        disc.append(d_logs["disc"].item())
+    assert l1[-1] < 0.95 * l1[0]
+    assert disc[-1] < disc[0]
