@@ -16,16 +16,6 @@ NUM_VALUES = {"colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES), 
 TARGET = 0.99
 
 
-@pytest.fixture(autouse=True, scope="module")
-def world_single_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far faster on a loaded machine (OpenMP
-    threads spin-wait for cores held by other processes)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _rates(results: list[dict[str, bool | None]]) -> dict[str, float]:
     """Match rate per attribute over the results that name it."""
     rates = {}

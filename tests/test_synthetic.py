@@ -33,16 +33,6 @@ from data.synthetic import (
 from data.video_io import probe, read_clip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def world_single_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far faster on a loaded machine (OpenMP
-    threads spin-wait for cores held by other processes)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _area_factor(shape: str) -> float:
     """Area of each shape divided by half-extent squared (all fill the box [-r, r]^2)."""
     return {"circle": math.pi, "square": 4.0, "triangle": 2.0,

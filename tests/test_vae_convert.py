@@ -11,15 +11,6 @@ from vae.model import PRESETS, CausalVAE, VAEConfig
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # 2 shared cores: torch's thread pool spins against the other test processes
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 

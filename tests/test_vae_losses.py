@@ -9,15 +9,6 @@ from vae.losses import VAELoss, VAELossConfig, ssim
 from vae.model import CausalVAE, DiagonalGaussian, VAEConfig
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # 2 shared cores: torch's thread pool spins against the other test processes
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def clip(frames: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(2, 3, frames, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 

@@ -2,20 +2,10 @@
 
 import json
 
-import pytest
 import torch
 
 from vae.model import CausalVAE, VAEConfig
 from vae.stats import compute_latent_stats, main, manifest_clips, square_crop
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # 2 shared cores: torch's thread pool spins against the other test processes
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_normalises(vae: CausalVAE, clips: list[torch.Tensor]) -> None:

@@ -25,16 +25,6 @@ HAS_DECORD = "decord" in available_backends()
 BOTH_BACKENDS = ["pyav", pytest.param("decord", marks=pytest.mark.skipif(not HAS_DECORD, reason="no decord"))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def video_single_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far faster on a loaded machine (OpenMP
-    threads spin-wait for cores held by other processes)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _textured_clip(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """Smooth random texture plus a moving bright block: (3, T, H, W) in [-1, 1], codec-friendly."""
     generator = torch.Generator().manual_seed(seed)
