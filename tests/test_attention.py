@@ -63,7 +63,7 @@ def test_identity_sequence_parallel_hook_gives_the_same_output():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     x = torch.randn(1, 4, 2, 4, 4)
-    t, text, mask = torch.tensor([300.0]), torch.randn(1, 3, 32), torch.ones(1, 3, dtype=torch.bool)
+    t, text, mask = torch.tensor([300.0]), torch.randn(1, 3, model.cfg.text_dim), torch.ones(1, 3, dtype=torch.bool)
     calls = []
 
     def identity_hook(q, k, v, attn_fn):
