@@ -5,8 +5,9 @@ One plain process on a CPU needs no launcher; `deepspeed train.py ...` or `torch
 path, costing about 0.4 s at start-up and nothing measurable per step on a CPU (docs/training.md).
 
 Top to bottom: the loop's config; the `Task` protocol (what differs between models: how a batch becomes
-a loss); the `Trainer` (engine, EMA, NaN skipping, signals, logs, checkpoints); the DiT and VAE tasks;
-the full `TrainConfig`; the export to a generate.py model folder; the command line.
+a loss); the `Trainer` (engine, EMA, NaN skipping, signals, logs, checkpoints, sequence parallelism);
+the full `TrainConfig`; the export to a generate.py model folder; the command line. The tasks themselves
+live with their models: `dit/training.py` and `vae/training.py`.
 
     python train.py --config configs/demo/dit.yaml                 # train
     python train.py --config configs/demo/dit.yaml --resume latest # continue the same trajectory
@@ -21,7 +22,7 @@ crashed rank makes the others fail instead of hanging. Checkpoints are atomic (c
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import json
 import math
 import signal
@@ -91,7 +92,8 @@ class ParallelConfig:
     grad_accum_steps: int = 1
     """Micro-steps accumulated into one optimizer step."""
     sp_size: int = 1
-    """Ulysses sequence-parallel degree: ranks that share one sample's tokens; must divide num_heads."""
+    """Ulysses sequence-parallel degree: ranks that share one sample's tokens (DiT only); must divide num_heads,
+    every batch's token count and, with per-frame timesteps, its token frames (docs/training.md)."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged over the config our YAML implies (its values win)."""
     timeout_s: float = 600.0
@@ -199,6 +201,7 @@ class Task(Protocol):
     """The part of training that differs between the DiT and the VAE (and tiny test models)."""
 
     model: torch.nn.Module
+    """What is trained; with parallel.sp_size > 1 the Trainer swaps in a sequence-parallel DiT with its weights."""
 
     def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[Any]:
         """An endless stream of this data-parallel rank's micro-batches, continuing from `load_state_dict`."""
@@ -284,7 +287,11 @@ class Trainer:
         self.config_yaml = config_yaml or config_to_yaml(cfg)
         self.run_dir = Path(cfg.run_dir)
         parallel.init_distributed(timeout_s=cfg.parallel.timeout_s)
+        # Ranks of one sequence-parallel group read the same batches and draw the same noise (both keyed by
+        # dp_rank), and the DiT shards its tokens over the group.
         self.sp_group, self.dp_rank, self.dp_size = parallel.new_sequence_parallel_group(cfg.parallel.sp_size)
+        if self.sp_group is not None:
+            task.model = parallel.SequenceParallelDiT.from_model(task.model, self.sp_group)
         user = json.loads(Path(cfg.parallel.deepspeed_config).read_text()) if cfg.parallel.deepspeed_config else None
         ds_config = parallel.build_deepspeed_config(
             micro_batch_size=cfg.parallel.micro_batch_size, grad_accum_steps=cfg.parallel.grad_accum_steps,
@@ -349,7 +356,8 @@ class Trainer:
                         f"{self.checkpoint_dir}. Lower optim.lr, use bf16 instead of fp16, or check the data.")
                 continue
             self.counters["consecutive_nonfinite"] = 0
-            self.engine.backward(loss)
+            with self._sequence_parallel_backward():
+                self.engine.backward(loss)
             grad_norm = self._stage0_grad_norm() if self.engine.is_gradient_accumulation_boundary() else None
             self.engine.step()
             losses.append(loss.detach().float().item())
@@ -363,6 +371,10 @@ class Trainer:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "tokens": tokens * parallel.world_size() / self.cfg.parallel.sp_size,
                 "skipped_nonfinite": self.counters["skipped_nonfinite"], **logs}
+
+    def _sequence_parallel_backward(self) -> contextlib.AbstractContextManager:
+        # Gradient checkpointing recomputes the blocks in backward, and their attention must shard again.
+        return parallel.ulysses_attention(self.sp_group) if self.sp_group is not None else contextlib.nullcontext()
 
     def _stage0_grad_norm(self) -> float | None:
         # DeepSpeed reports the norm for its ZeRO/bf16 optimizers; with a bare torch optimizer we measure it
@@ -456,294 +468,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: endless, resumable bucketed batches
-# ----------------------------------------------------------------------------------------------------
-class BucketStream:
-    """Endless batches from a bucketed dataset; `state_dict` is the sampler's position in its epoch.
-
-    Files that fail to decode are replaced by the dataset and counted here; past the monitor's
-    threshold the run stops with the list of files (data/dataset.py: BadDataMonitor).
-    """
-
-    def __init__(self, dataset, *, seed: int, collate, num_workers: int):
-        from data.dataset import BadDataMonitor
-
-        self.dataset, self.seed, self.collate, self.num_workers = dataset, seed, collate, num_workers
-        self.monitor = BadDataMonitor()
-        self.sampler_state: dict | None = None
-        self._sampler, self._steps_done = None, 0
-
-    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        from data.dataset import make_loader
-
-        self._sampler = self.dataset.sampler(seed=self.seed, rank=dp_rank, world_size=dp_size)
-        if self.sampler_state is not None:
-            self._sampler.load_state_dict(self.sampler_state)
-        while True:
-            epoch = self._sampler.epoch
-            self.dataset.set_epoch(epoch)
-            self._steps_done = self._sampler.position
-            for batch in make_loader(self.dataset, self._sampler, num_workers=self.num_workers,
-                                     collate_fn=self.collate):
-                self._steps_done += 1
-                self.monitor.update(batch)
-                yield batch
-            self._sampler.set_epoch(epoch + 1)
-
-    def state_dict(self) -> dict:
-        if self._sampler is None:
-            return self.sampler_state or {}
-        # Workers fetch ahead of the loop, so the position is what the loop consumed, not what was fetched.
-        return self._sampler.state_dict(steps_done=self._steps_done)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler_state = state or None
-
-
-def _pad_text(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad text states (B, S, Dt) and mask (B, S) with masked zeros to S = length."""
-    pad = length - hidden.shape[1]
-    return (torch.nn.functional.pad(hidden, (0, 0, 0, pad)),  # (B, length, Dt)
-            torch.nn.functional.pad(mask, (0, pad), value=False))  # (B, length)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The DiT task
-# ----------------------------------------------------------------------------------------------------
-class DiTTask:
-    """Latents (cached, or encoded on the fly by a frozen VAE) + captions -> diffusion loss.
-
-    Caption dropout swaps a sample's caption for the empty prompt (the unconditional input of
-    classifier-free guidance); condition masks (i2v, extension, loop, keyframes, inpaint) are drawn per
-    sample with the ratios of `cond`. Both draw from the step's generator, so they replay on resume.
-    """
-
-    def __init__(self, cfg: TrainConfig, *, device: torch.device):
-        from data.cache import CachedLatentDataset, collate_latents
-        from data.dataset import VideoDataset, collate_samples
-        from dit.diffusion import build_process
-        from dit.model import DiT
-        from dit.text_encoder import TextEncoder
-        from vae.model import CausalVAE
-
-        self.cfg, self.device = cfg, device
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = DiT(cfg.dit)
-        self.process = build_process(cfg.diffusion)
-        self.text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, device=device)
-        self.empty_text = self.text_encoder.encode([""])  # (1, S, Dt), (1, S)
-        self.vae = CausalVAE.from_pretrained(cfg.vae_path, device=device)
-        self.vae.requires_grad_(False)
-        _check_dit_fits(cfg, text_dim=self.text_encoder.dim, max_text_len=self.text_encoder.max_length,
-                        latent_channels=self.vae.cfg.latent_channels)
-        if cfg.data.latent_cache:
-            dataset, collate = CachedLatentDataset(cfg.data.latent_cache), collate_latents
-        else:
-            dataset, collate = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed), collate_samples
-        self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate, num_workers=cfg.data.num_workers)
-
-    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        return self.stream.batches(dp_rank=dp_rank, dp_size=dp_size)
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-
-    @torch.no_grad()
-    def _inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if "latents" in batch:
-            latents = batch["latents"].to(self.device, torch.float32)  # (B, C, T', H', W')
-            text, text_mask = batch["text_hidden"].to(self.device, torch.float32), batch["text_mask"].to(self.device)
-        else:
-            video = batch["video"].to(self.device)  # (B, 3, T, H, W)
-            latents = self.vae.encode(video, sample=True, generator=generator)  # (B, C, T', H', W')
-            text, text_mask = self.text_encoder.encode(batch["text"])  # (B, S, Dt), (B, S)
-        empty, empty_mask = self.empty_text
-        length = max(text.shape[1], empty.shape[1])
-        text, text_mask = _pad_text(text, text_mask, length)  # (B, S, Dt), (B, S)
-        empty, empty_mask = _pad_text(empty, empty_mask, length)  # (1, S, Dt), (1, S)
-        drop = (torch.rand(latents.shape[0], generator=generator) < self.cfg.data.caption_dropout).to(self.device)
-        text = torch.where(drop[:, None, None], empty, text)  # (B, S, Dt)
-        text_mask = torch.where(drop[:, None], empty_mask, text_mask)  # (B, S)
-        return latents, text, text_mask
-
-    def loss(self, model, batch: dict, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
-        from dit.conditioning import sample_cond_mask
-        from dit.diffusion import training_loss
-
-        latents, text, text_mask = self._inputs(batch, generator)  # (B, C, T', H', W')
-        batch_size, _, frames, height, width = latents.shape
-        cond_mask = sample_cond_mask(self.cfg.cond, batch_size, frames, height, width, generator).to(self.device)
-        dtype = next(model.parameters()).dtype  # bf16/fp16 engines hold half weights; feed them half inputs
-
-        def predict(x, t, text, text_mask):  # noqa: ANN001, ANN202 (training_loss's model signature)
-            return model(x.to(dtype), t, text.to(dtype), text_mask)
-
-        loss, logs = training_loss(predict, latents, process=self.process, text=text, text_mask=text_mask,
-                                   cond_mask=cond_mask, generator=generator, patch_size=self.cfg.dit.patch_size)
-        return loss, {f"dit/{key}": float(value) for key, value in logs.items() if key != "loss"}
-
-    def tokens(self, batch: dict) -> int:
-        from dit.diffusion import num_tokens
-
-        if "latents" in batch:
-            return num_tokens(batch["latents"].shape, self.cfg.dit.patch_size)
-        batch_size, _, frames, height, width = batch["video"].shape
-        latent = (batch_size, 0, *self.vae.latent_shape(frames, height, width))
-        return num_tokens(latent, self.cfg.dit.patch_size)
-
-    @torch.no_grad()
-    def media(self, step: int, *, weights: dict[str, torch.Tensor], out_dir: Path, writer: Any) -> None:
-        """Sample the fixed prompts with `weights` (the EMA) at the largest bucket; write mp4s and TensorBoard."""
-        from einops import rearrange
-
-        from data.video_io import write_video
-        from dit.model import DiT
-        from dit.sampling import sample
-
-        model = DiT(self.cfg.dit).to(self.device).eval()
-        model.load_state_dict(weights)
-        bucket = max(self.cfg.data.buckets.buckets(), key=self.cfg.data.buckets.tokens)
-        prompts = self.cfg.log.sample_prompts
-        shape = (len(prompts), self.vae.cfg.latent_channels, *self.vae.latent_shape(
-            bucket.num_frames, bucket.height, bucket.width))
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.cfg.seed)).to(self.device)
-        text, text_mask = self.text_encoder.encode(prompts)  # (N, S, Dt), (N, S)
-        latents = sample(model, noise, process=self.process, sampler="euler" if self.cfg.diffusion.process == "flow"
-                         else "ddim", steps=self.cfg.log.sample_steps, text=text, text_mask=text_mask, progress=False,
-                         patch_size=self.cfg.dit.patch_size)  # (N, C, T', H', W')
-        videos = self.vae.decode(latents)  # (N, 3, T, H, W)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for index, video in enumerate(videos):
-            write_video(out_dir / f"step{step:08d}_prompt{index}.mp4", video.cpu(), fps=8.0)
-        if writer is not None:  # a strip of frames per prompt: TensorBoard's add_video needs moviepy
-            strip = rearrange(videos[:, :, :: max(1, videos.shape[2] // 8)], "n c t h w -> c (n h) (t w)")
-            writer.add_image("samples", (strip.cpu() + 1) / 2, step)
-
-    def finish(self, run_dir: Path, *, weights: dict[str, torch.Tensor]) -> None:
-        pass
-
-
-def _check_dit_fits(cfg: TrainConfig, *, text_dim: int, max_text_len: int, latent_channels: int) -> None:
-    if cfg.dit.text_dim != text_dim:
-        raise ValueError(f"dit.text_dim={cfg.dit.text_dim}: must equal the text encoder's width {text_dim} "
-                         f"(text_encoder={cfg.text_encoder!r})")
-    if cfg.dit.text_len < max_text_len:
-        raise ValueError(f"dit.text_len={cfg.dit.text_len}: must be >= the text encoder's max_length {max_text_len}")
-    if cfg.dit.in_channels != latent_channels:
-        raise ValueError(f"dit.in_channels={cfg.dit.in_channels}: must equal the VAE's latent channels "
-                         f"{latent_channels} (vae_path={cfg.vae_path!r})")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The VAE task
-# ----------------------------------------------------------------------------------------------------
-class VAEWithLoss(torch.nn.Module):
-    """The VAE and its loss (with the discriminator) as one module, so one engine and one AdamW train both.
-
-    Each part gets only its own gradient: the discriminator is frozen while it scores the reconstruction
-    for the generator's adversarial term, and its hinge loss sees the reconstruction detached.
-    """
-
-    def __init__(self, vae_cfg: VAEConfig, loss_cfg: VAELossConfig):
-        from vae.losses import VAELoss
-        from vae.model import CausalVAE
-
-        super().__init__()
-        self.vae = CausalVAE(vae_cfg)
-        self.loss_fn = VAELoss(loss_cfg)
-
-    def forward(self, x: torch.Tensor, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
-        recon, posterior = self.vae(x, generator=generator)  # (B, 3, T, H, W)
-        disc = self.loss_fn.discriminator
-        if disc is None:
-            return self.loss_fn(x, recon, posterior, step=step)
-        disc.requires_grad_(False)
-        total, logs = self.loss_fn(x, recon, posterior, step=step)
-        disc.requires_grad_(True)
-        disc_loss, disc_logs = self.loss_fn.discriminator_loss(x, recon.detach())
-        # Before the discriminator's start step its loss still runs, weighted 0, so every rank and ZeRO stage
-        # sees the same set of parameters with gradients on every step.
-        active = 1.0 if self.loss_fn.discriminator_active(step) else 0.0
-        return total + active * disc_loss, {**logs, **disc_logs}
-
-
-class VAETask:
-    """Pixel clips and images from a manifest -> reconstruction + KL (+ adversarial) loss (vae/losses.py)."""
-
-    def __init__(self, cfg: TrainConfig, *, device: torch.device):
-        from data.dataset import VideoDataset, collate_samples
-
-        self.cfg, self.device = cfg, device
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = VAEWithLoss(cfg.vae, cfg.vae_loss)
-        dataset = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed)
-        self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate_samples, num_workers=cfg.data.num_workers)
-        self.media_batch: torch.Tensor | None = None
-
-    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        return self.stream.batches(dp_rank=dp_rank, dp_size=dp_size)
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-
-    def loss(self, model, batch: dict, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
-        if self.media_batch is None:  # the first clip seen is the one reconstructed in the logs, every time
-            self.media_batch = batch["video"][:1]
-        dtype = next(model.parameters()).dtype  # bf16/fp16 engines hold half weights; feed them half inputs
-        total, logs = model(batch["video"].to(self.device, dtype), generator=generator, step=step)
-        return total, {f"vae/{key}": float(value) for key, value in logs.items()}
-
-    def tokens(self, batch: dict) -> int:
-        return batch["video"][:, 0].numel()  # pixels (B * T * H * W)
-
-    def _vae(self, weights: dict[str, torch.Tensor]):
-        from vae.model import CausalVAE
-
-        vae = CausalVAE(self.cfg.vae).to(self.device).eval()
-        vae.load_state_dict(vae_weights(weights))
-        return vae
-
-    @torch.no_grad()
-    def media(self, step: int, *, weights: dict[str, torch.Tensor], out_dir: Path, writer: Any) -> None:
-        """Write the first training clip and its reconstruction side by side (mp4, and a TensorBoard strip)."""
-        from einops import rearrange
-
-        from data.video_io import write_video
-
-        if self.media_batch is None:
-            return
-        x = self.media_batch.to(self.device)  # (1, 3, T, H, W)
-        recon = self._vae(weights)(x, sample=False)[0].clamp(-1, 1)  # (1, 3, T, H, W)
-        pair = torch.cat([x, recon], dim=-1)[0].cpu()  # (3, T, H, 2W)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_video(out_dir / f"step{step:08d}_recon{'.png' if pair.shape[1] == 1 else '.mp4'}", pair, fps=8.0)
-        if writer is not None:
-            writer.add_image("reconstruction", (rearrange(pair[:, :: max(1, pair.shape[1] // 8)],
-                                                          "c t h w -> c h (t w)") + 1) / 2, step)
-
-    def finish(self, run_dir: Path, *, weights: dict[str, torch.Tensor]) -> None:
-        """Per-channel latent statistics of the exported weights over the training data (vae/stats.py)."""
-        from vae.stats import compute_latent_stats, manifest_clips
-
-        bucket = max(self.cfg.data.buckets.buckets(), key=self.cfg.data.buckets.tokens)
-        clips = manifest_clips(Path(self.cfg.data.manifest), num_clips=self.cfg.vae_stats_clips,
-                               frames=bucket.num_frames, size=min(bucket.height, bucket.width), seed=self.cfg.seed)
-        mean, std = compute_latent_stats(self._vae(weights), (clip.to(self.device) for clip in clips))
-        (run_dir / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std}, indent=2))
-
-
-def vae_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The CausalVAE's own weights from a VAEWithLoss state (drops the discriminator)."""
-    return {name.removeprefix("vae."): value for name, value in weights.items() if name.startswith("vae.")}
-
-
-# ----------------------------------------------------------------------------------------------------
 # The full config
 # ----------------------------------------------------------------------------------------------------
 @dataclass
@@ -807,9 +531,9 @@ class TrainConfig(LoopConfig):
             parallel.check_heads_divisible(self.dit.num_heads, self.parallel.sp_size)
         if self.task == "vae" and not self.data.manifest:
             raise ValueError("data.manifest=None: task 'vae' trains on pixels and needs a manifest")
-        if self.parallel.sp_size > 1:
-            raise ValueError(f"parallel.sp_size={self.parallel.sp_size}: sequence-parallel training needs the DiT "
-                             "forward split into embed/blocks/head (not in dit/model.py yet); use 1")
+        if self.task == "vae" and self.parallel.sp_size > 1:
+            raise ValueError(f"parallel.sp_size={self.parallel.sp_size}: sequence parallelism shards the DiT's "
+                             "tokens; task 'vae' needs sp_size=1")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -833,43 +557,16 @@ def export(run_dir: str | Path, out_dir: str | Path, *, which: str = ckpt.LATEST
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.task == "dit":
-        _export_dit(cfg, weights, tmp)
+        from dit.training import export_dit
+
+        export_dit(cfg, weights, tmp)
     else:
-        _export_vae(cfg, weights, tmp, stats_file=Path(run_dir) / "latent_stats.json")
+        from vae.training import export_vae
+
+        export_vae(cfg, weights, tmp, stats_file=Path(run_dir) / "latent_stats.json")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
-
-
-def _export_dit(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path) -> None:
-    import shutil
-
-    from dit.model import DiT
-    from dit.pipeline import PIPELINE_FILE, GenerationDefaults, PipelineConfig, write_json_atomic
-
-    model = DiT(cfg.dit)
-    model.load_state_dict(weights)
-    model.save_pretrained(out / "dit")
-    shutil.copytree(cfg.vae_path, out / "vae")
-    if Path(cfg.text_encoder).is_dir():  # a local encoder travels with the model; a name or hub id does not
-        shutil.copytree(cfg.text_encoder, out / "text_encoder")
-    bucket = max(cfg.data.buckets.buckets(), key=cfg.data.buckets.tokens)
-    defaults = GenerationDefaults(height=bucket.height, width=bucket.width, frames=bucket.num_frames,
-                                  sampler="euler" if cfg.diffusion.process == "flow" else "ddim")
-    pipeline = PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)
-    write_json_atomic(out / PIPELINE_FILE, pipeline.to_json_dict())
-
-
-def _export_vae(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path, *, stats_file: Path) -> None:
-    from vae.model import CausalVAE
-
-    vae_cfg = cfg.vae
-    if stats_file.is_file():
-        stats = json.loads(stats_file.read_text())
-        vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats["mean"], latents_std=stats["std"])
-    model = CausalVAE(vae_cfg)
-    model.load_state_dict(vae_weights(weights))
-    model.save_pretrained(out / "vae")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -877,7 +574,13 @@ def _export_vae(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path, *
 # ----------------------------------------------------------------------------------------------------
 def build_task(cfg: TrainConfig) -> Task:
     device = torch.device("cuda", parallel.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    return DiTTask(cfg, device=device) if cfg.task == "dit" else VAETask(cfg, device=device)
+    if cfg.task == "dit":
+        from dit.training import DiTTask
+
+        return DiTTask(cfg, device=device)
+    from vae.training import VAETask
+
+    return VAETask(cfg, device=device)
 
 
 def main(cfg: TrainConfig, *, resume: str | None = None) -> list[dict[str, float]]:

@@ -250,6 +250,20 @@ _CHECKPOINT_CONTEXTS = {
 }
 
 
+@dataclass
+class DiTState:
+    """What `DiT.embed` hands to the blocks and the head; G timestep groups of consecutive tokens (G = 1,
+    latent frames or L), so a contiguous slice of tokens goes with a slice of groups (dit/parallel.py)."""
+
+    tokens: torch.Tensor  # (B, L, D)
+    time_emb: torch.Tensor  # (B, G, D) float32: the head's modulation input
+    time_mod: torch.Tensor  # (B, G, 6, D) float32: the six modulation vectors shared by all blocks
+    context: torch.Tensor  # (B, S, D) embedded text
+    context_mask: torch.Tensor | None  # (B, S) bool; None = no padding
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (L, Dh/2)
+    grid: tuple[int, int, int]  # token grid (T'', H'', W'')
+
+
 class DiT(nn.Module):
     """`model(x, t, text, text_mask)`: latents (B, C, T', H', W') -> prediction (B, C_out, T', H', W')."""
 
@@ -324,9 +338,11 @@ class DiT(nn.Module):
             f"{frames}) or per token (B, L)=({batch}, {num_tokens})"
         )
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
-    ) -> torch.Tensor:
+    # -- forward, in three steps ----------------------------------------------------------------------
+    # `forward` is embed -> run_blocks -> finish. The steps are public so that dit/parallel.py can shard
+    # the state between them (sequence parallelism) without the model knowing about ranks.
+    def embed(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> DiTState:
+        """Latents (B, C, T', H', W'), timesteps, text (B, S, Dt) and mask (B, S) -> everything the blocks read."""
         batch, _, frames, height, width = x.shape
         grid = self.validate_latent_shape(frames, height, width)
         if text.shape[1] > self.cfg.text_len:
@@ -336,7 +352,6 @@ class DiT(nn.Module):
         tokens = rearrange(tokens, "b d t h w -> b (t h w) d")  # (B, L, D)
         context = self.text_embedding(text.to(tokens.dtype))  # (B, S, D)
         angles = rope_angles(grid, self.cfg.head_dim, self.cfg.rope_theta, x.device)  # (L, Dh/2)
-        rope = (angles.cos(), angles.sin())  # (L, Dh/2) each
 
         # Float32 island: timestep embedding, time MLP and the six shared modulation vectors.
         groups = self._timestep_groups(t, batch, grid)  # (B, G)
@@ -348,25 +363,48 @@ class DiT(nn.Module):
         time_mod = rearrange(time_mod, "(b g) (six d) -> b g six d", b=batch, six=6)  # (B, G, 6, D)
         assert time_emb.dtype == time_mod.dtype == torch.float32
 
-        # A mask with no padding is dropped, so cross-attention can take the unmasked fast kernels.
-        context_mask = None if bool(text_mask.all()) else text_mask
+        return DiTState(
+            tokens=tokens,
+            time_emb=time_emb,
+            time_mod=time_mod,
+            context=context,
+            # A mask with no padding is dropped, so cross-attention can take the unmasked fast kernels.
+            context_mask=None if bool(text_mask.all()) else text_mask,
+            rope=(angles.cos(), angles.sin()),  # (L, Dh/2) each
+            grid=grid,
+        )
+
+    def run_blocks(self, state: DiTState) -> torch.Tensor:
+        """The transformer blocks on `state.tokens` (B, L, D), checkpointed when the config asks -> (B, L, D)."""
+        tokens = state.tokens
+        args = (state.time_mod, state.context, state.context_mask, state.rope)
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(
                     block,
                     tokens,
-                    time_mod,
-                    context,
-                    context_mask,
-                    rope,
+                    *args,
                     use_reentrant=False,
                     context_fn=_CHECKPOINT_CONTEXTS[self.cfg.checkpoint_policy],
                 )
             else:
-                tokens = block(tokens, time_mod, context, context_mask, rope)  # (B, L, D)
+                tokens = block(tokens, *args)  # (B, L, D)
+        return tokens
 
-        out = self.head(tokens, time_emb)  # (B, L, pt*ph*pw*C_out)
-        return unpatchify(out, grid, self.cfg.patch_size)  # (B, C_out, T', H', W')
+    def head_tokens(self, state: DiTState, tokens: torch.Tensor) -> torch.Tensor:
+        """The adaLN head on block outputs (B, L, D) -> patch values (B, L, pt*ph*pw*C_out)."""
+        return self.head(tokens, state.time_emb)  # (B, L, pt*ph*pw*C_out)
+
+    def finish(self, state: DiTState, tokens: torch.Tensor) -> torch.Tensor:
+        """Block outputs (B, L, D) -> prediction (B, C_out, T', H', W')."""
+        out = self.head_tokens(state, tokens)  # (B, L, pt*ph*pw*C_out)
+        return unpatchify(out, state.grid, self.cfg.patch_size)  # (B, C_out, T', H', W')
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        state = self.embed(x, t, text, text_mask)
+        return self.finish(state, self.run_blocks(state))  # (B, C_out, T', H', W')
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def num_params(self) -> int:

@@ -1,7 +1,7 @@
 """Everything distributed: process groups, DeepSpeed config assembly, memory estimates, Ulysses.
 
 Model code never imports DeepSpeed or torch.distributed; `train.py` calls in here. DeepSpeed is
-imported inside the functions that need it, so importing this module stays cheap.
+imported inside the functions that need it, so importing this module does not load it.
 
 Ranks. One plain process (no launcher) becomes a world of one: we fill in the rendezvous variables
 that `deepspeed`/`torchrun` would have set, so the single-process and multi-process runs take the
@@ -15,22 +15,36 @@ token, so before it an all-to-all trades "all heads of my tokens" for "my heads 
     (B, heads, L/sp, Dh)  --all-to-all-->  (B, heads/sp, L, Dh)  --attention-->  --inverse-->  (B, heads, L/sp, Dh)
 
 Everything else in a block (projections, norms, RoPE, MLP, cross-attention to the short text) is per
-token, so it runs on the local shard unchanged. Gradients need no special treatment: each rank's loss
-is the mean over its shard, and averaging gradients over the whole world equals averaging the
-full-sequence loss over the data-parallel ranks, because shards are the same size.
+token, so it runs on the local shard unchanged. `SequenceParallelDiT` applies this to the whole model
+from outside: every rank of a group gets the same full inputs, embeds them, keeps its contiguous 1/sp of
+the tokens (with the matching RoPE rows and timestep groups), runs the blocks and the head on that shard
+and all-gathers the head's output, so every rank returns the full prediction and computes the same loss.
+
+Gradients. The gather's backward sums the output gradients of all ranks of the group (a reduce-scatter).
+All ranks compute the same loss, so each rank's share comes back sp times: rank r's parameter gradient is
+sp x the part of the full gradient that its tokens contribute, and the mean over the group is exactly
+the one-process gradient. DeepSpeed averages gradients over the whole world (data-parallel x sequence-
+parallel ranks), so this is the mean over data-parallel groups of the full-sequence gradient: no loss
+scaling, and the logged loss is the real one (tests/test_parallel.py checks both).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dit.attention import set_sequence_parallel
+from dit.layers import unpatchify
+from dit.model import DiT, DiTConfig, DiTState
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -294,8 +308,108 @@ def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> t
     return x.chunk(parts, dim=dim)[dist.get_rank(group)]
 
 
-def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> torch.Tensor:
-    """Concatenate every rank's shard along `dim`, differentiably (the inverse of `shard_sequence`)."""
-    from torch.distributed.nn.functional import all_gather
+class _GatherSequence(torch.autograd.Function):
+    """All-gather equal shards along `dim`; the backward sums the gradient over the group (every rank's
+    loss depends on every shard) and returns this rank's slice of the sum."""
 
-    return torch.cat(all_gather(x.contiguous(), group=group), dim=dim)
+    @staticmethod
+    def forward(ctx, x, group, dim):  # noqa: ANN001 (autograd signature)
+        ctx.group, ctx.dim, ctx.size = group, dim, x.shape[dim]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd's buffer is not ours to change
+        dist.all_reduce(grad, group=ctx.group)  # a reduce-scatter as all-reduce + slice: gloo has no reduce-scatter
+        return grad.narrow(ctx.dim, dist.get_rank(ctx.group) * ctx.size, ctx.size), None, None
+
+
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """Concatenate every rank's shard along `dim` (the inverse of `shard_sequence`); differentiable, with
+    the gradient of the sum of all ranks' losses (module doc)."""
+    return _GatherSequence.apply(x, group, dim)
+
+
+@contextmanager
+def ulysses_attention(group: dist.ProcessGroup) -> Iterator[None]:
+    """Route every self-attention through the Ulysses all-to-all over `group` inside the block.
+
+    Blocks recomputed by gradient checkpointing run again in backward, so with checkpointing the backward
+    must run inside this too (train.py does). Contexts do not nest: leaving one restores plain attention.
+    """
+    set_sequence_parallel(UlyssesAttention(group))
+    try:
+        yield
+    finally:
+        set_sequence_parallel(None)
+
+
+class SequenceParallelDiT(DiT):
+    """A DiT whose forward shards the video tokens over `group` (Ulysses); same parameters, same names.
+
+    Called with the same full inputs on every rank of the group, it returns the same full prediction on
+    every rank (see the module doc for the gradients). Needs num_heads and the token count L divisible by
+    the group size; any frame count works.
+    """
+
+    def __init__(self, cfg: DiTConfig, group: dist.ProcessGroup):
+        super().__init__(cfg)
+        self.group = group
+        self.sp_size = dist.get_world_size(group)
+        check_heads_divisible(cfg.num_heads, self.sp_size)
+
+    @classmethod
+    def from_model(cls, model: DiT, group: dist.ProcessGroup) -> SequenceParallelDiT:
+        """Take over `model`'s parameter tensors (no copy); use the result in its place from then on."""
+        if not isinstance(model, DiT):
+            raise ValueError(f"sequence parallelism shards a DiT's tokens; got a {type(model).__name__}")
+        with torch.device("meta"):  # no second initialisation: the weights are assigned just below
+            sharded = cls(model.cfg, group)
+        sharded.load_state_dict(model.state_dict(), strict=True, assign=True)
+        return sharded.train(model.training)
+
+    def shard(self, state: DiTState) -> DiTState:
+        """This rank's contiguous 1/sp of the tokens (B, L/sp, D), with their RoPE rows and timestep groups."""
+        num_tokens, groups = state.tokens.shape[1], state.time_mod.shape[1]
+        if num_tokens % self.sp_size:
+            raise ValueError(
+                f"latent token grid (T'', H'', W'')={state.grid} has L={num_tokens} tokens: must be divisible by "
+                f"sp_size={self.sp_size}; use bucket sizes (frames, height, width) whose token count it divides"
+            )
+        rank = dist.get_rank(self.group)
+        local = num_tokens // self.sp_size  # tokens [rank * local, (rank + 1) * local) are this rank's
+
+        # The timesteps come in G groups of L/G consecutive tokens (G = 1, token frames, or L).
+        if groups == 1:
+            time_emb, time_mod = state.time_emb, state.time_mod  # (B, 1, D), (B, 1, 6, D): shared by all
+        elif groups % self.sp_size == 0:  # this rank's tokens are whole groups: the same slice of groups
+            per_rank = groups // self.sp_size
+            time_emb = state.time_emb.narrow(1, rank * per_rank, per_rank)  # (B, G/sp, D)
+            time_mod = state.time_mod.narrow(1, rank * per_rank, per_rank)  # (B, G/sp, 6, D)
+        else:
+            # Per-frame timesteps with frames not divisible by sp (a frame straddles two ranks): give each local
+            # token its group's vectors, the same arithmetic per token. Only this rank's rows are gathered.
+            owner = torch.arange(rank * local, (rank + 1) * local, device=state.time_mod.device) // (
+                num_tokens // groups)  # (L/sp,)
+            time_emb = state.time_emb.index_select(1, owner)  # (B, L/sp, D)
+            time_mod = state.time_mod.index_select(1, owner)  # (B, L/sp, 6, D)
+        return dataclasses.replace(
+            state,
+            tokens=state.tokens.narrow(1, rank * local, local),  # (B, L/sp, D)
+            time_emb=time_emb,
+            time_mod=time_mod,
+            rope=tuple(table.narrow(0, rank * local, local) for table in state.rope),  # (L/sp, Dh/2) each
+        )
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        state = self.embed(x, t, text, text_mask)  # the same full state on every rank
+        local = self.shard(state)
+        with ulysses_attention(self.group):
+            tokens = self.run_blocks(local)  # (B, L/sp, D)
+        out = self.head_tokens(local, tokens)  # (B, L/sp, pt*ph*pw*C_out)
+        out = gather_sequence(out, self.group)  # (B, L, pt*ph*pw*C_out)
+        return unpatchify(out, state.grid, self.cfg.patch_size)  # (B, C_out, T', H', W')

@@ -125,3 +125,96 @@ def test_ulysses_on_two_ranks_matches_one_process(tmp_path):
     torch.testing.assert_close(result["out"], expected.detach(), rtol=1e-5, atol=1e-5)
     for name, p in block.named_parameters():
         torch.testing.assert_close(result["grads"][name], p.grad, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole DiT under Ulysses: SequenceParallelDiT on 2 ranks against DiT in one process
+# ----------------------------------------------------------------------------------------------------
+DIT_CASES = {  # name -> (latent frames T', timestep mode, gradient checkpointing); H' = W' = 4, patch (1, 2, 2)
+    "per_sample": (2, "sample", False),
+    "per_frame": (2, "frame", False),
+    "per_token": (2, "token", False),
+    "per_frame_checkpointed": (2, "frame", True),
+    "per_frame_straddling": (3, "frame", False),  # 3 frames of 4 tokens on 2 ranks: frame 1 is split
+}
+
+
+def dit_case(name: str):
+    """A debug DiT with every zero-initialised branch made live, inputs on a (T', 2, 2) token grid, padded
+    text, distinct timesteps per sample, per latent frame or per token, and a random output weighting."""
+    from dit.model import DiT, DiTConfig
+
+    frames, mode, checkpointing = DIT_CASES[name]
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.from_preset("debug", gradient_checkpointing=checkpointing))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 4, frames, 4, 4)  # (B, C, T', H', W')
+    t = {"sample": 1000 * torch.rand(2),  # (B,)
+         "frame": 1000 * torch.rand(2, frames),  # (B, T')
+         "token": 1000 * torch.rand(2, frames * 4)}[mode]  # (B, L)
+    text = torch.randn(2, 5, model.cfg.text_dim)  # (B, S, Dt)
+    text_mask = torch.tensor([[True] * 5, [True, True, False, False, False]])  # (B, S)
+    weight = torch.randn(2, 4, frames, 4, 4)  # makes every output position's gradient different
+    return model, (x, t, text, text_mask), weight
+
+
+def error_on_odd_token_count(model) -> str:
+    """The message for a (1, 1, 3) token grid, which 2 ranks cannot split."""
+    text, text_mask = torch.randn(1, 3, model.cfg.text_dim), torch.ones(1, 3, dtype=torch.bool)
+    try:
+        model(torch.randn(1, 4, 1, 2, 6), torch.tensor([5.0]), text, text_mask)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def dit_worker() -> None:
+    """One rank: each case's prediction and the group mean of each parameter's gradient, to OUT.rank."""
+    parallel.init_distributed(timeout_s=60)
+    group, _, _ = parallel.new_sequence_parallel_group(2)
+    results = {}
+    for name in DIT_CASES:
+        model, inputs, weight = dit_case(name)
+        sharded = parallel.SequenceParallelDiT.from_model(model, group)
+        out = sharded(*inputs)  # (B, C, T', H', W'): the full prediction on every rank
+        with parallel.ulysses_attention(group):  # checkpointed blocks recompute their attention in backward
+            (out * weight).sum().backward()
+        grads = {}
+        for param_name, p in sharded.named_parameters():
+            torch.distributed.all_reduce(p.grad, group=group)
+            grads[param_name] = p.grad / 2  # the mean over the group: what DeepSpeed's world average takes
+        results[name] = {"out": out.detach(), "grads": grads}
+    results["error"] = error_on_odd_token_count(sharded)
+    torch.save(results, f"{os.environ['OUT']}.{parallel.rank()}")
+    parallel.destroy_distributed()
+
+
+def test_sequence_parallel_dit_on_two_ranks_matches_one_process(tmp_path):
+    out_file = tmp_path / "out.pt"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OUT": str(out_file),
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    code = "from test_parallel import dit_worker; dit_worker()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        logs = [proc.communicate(timeout=120)[0].decode(errors="replace") for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-3000:]
+    ranks = [torch.load(f"{out_file}.{r}") for r in range(2)]
+    for name in DIT_CASES:
+        model, inputs, weight = dit_case(name)
+        expected = model(*inputs)  # (B, C, T', H', W')
+        (expected * weight).sum().backward()
+        for result in ranks:
+            torch.testing.assert_close(result[name]["out"], expected.detach(), rtol=1e-5, atol=1e-5)
+            for param_name, p in model.named_parameters():
+                torch.testing.assert_close(result[name]["grads"][param_name], p.grad, rtol=1e-4, atol=1e-5,
+                                           msg=lambda m, n=name, q=param_name: f"{n}: {q}: {m}")
+    assert "(1, 1, 3) has L=3 tokens: must be divisible by sp_size=2" in ranks[0]["error"]

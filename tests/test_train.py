@@ -133,7 +133,7 @@ def finish(procs: list[subprocess.Popen], *, timeout: float) -> list[tuple[int, 
     return [(code, text) for text, code in outputs]
 
 
-def launch(spec: dict, *, ranks: int, timeout: float = 150) -> list[dict]:
+def launch(spec: dict, *, ranks: int, timeout: float = 420) -> list[dict]:
     for code, text in finish(start(spec, ranks=ranks), timeout=timeout):
         assert code == 0, text[-3000:]
     return json.loads(Path(spec["out"]).read_text())

@@ -1,0 +1,173 @@
+"""The DiT task of train.py: cached or freshly encoded latents + captions -> the diffusion loss.
+
+Everything the training loop needs from the DiT side (train.py's `Task` protocol): the model, the
+batch stream, the loss with caption dropout and condition masks, periodic samples, and the export to
+the folder generate.py loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from data.stream import BucketStream
+
+if TYPE_CHECKING:
+    from train import TrainConfig
+
+
+def _pad_text(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad text states (B, S, Dt) and mask (B, S) with masked zeros to S = length."""
+    pad = length - hidden.shape[1]
+    return (torch.nn.functional.pad(hidden, (0, 0, 0, pad)),  # (B, length, Dt)
+            torch.nn.functional.pad(mask, (0, pad), value=False))  # (B, length)
+
+
+class DiTTask:
+    """Latents (cached, or encoded on the fly by a frozen VAE) + captions -> diffusion loss.
+
+    Caption dropout swaps a sample's caption for the empty prompt (the unconditional input of
+    classifier-free guidance); condition masks (i2v, extension, loop, keyframes, inpaint) are drawn per
+    sample with the ratios of `cond`. Both draw from the step's generator, so they replay on resume.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, device: torch.device):
+        from data.cache import CachedLatentDataset, collate_latents
+        from data.dataset import VideoDataset, collate_samples
+        from dit.diffusion import build_process
+        from dit.model import DiT
+        from dit.text_encoder import TextEncoder
+        from vae.model import CausalVAE
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = DiT(cfg.dit)
+        self.process = build_process(cfg.diffusion)
+        self.text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, device=device)
+        self.empty_text = self.text_encoder.encode([""])  # (1, S, Dt), (1, S)
+        self.vae = CausalVAE.from_pretrained(cfg.vae_path, device=device)
+        self.vae.requires_grad_(False)
+        _check_dit_fits(cfg, text_dim=self.text_encoder.dim, max_text_len=self.text_encoder.max_length,
+                        latent_channels=self.vae.cfg.latent_channels)
+        if cfg.data.latent_cache:
+            dataset, collate = CachedLatentDataset(cfg.data.latent_cache), collate_latents
+        else:
+            dataset, collate = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed), collate_samples
+        self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate, num_workers=cfg.data.num_workers)
+
+    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
+        return self.stream.batches(dp_rank=dp_rank, dp_size=dp_size)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    @torch.no_grad()
+    def _inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device, torch.float32)  # (B, C, T', H', W')
+            text, text_mask = batch["text_hidden"].to(self.device, torch.float32), batch["text_mask"].to(self.device)
+        else:
+            video = batch["video"].to(self.device)  # (B, 3, T, H, W)
+            latents = self.vae.encode(video, sample=True, generator=generator)  # (B, C, T', H', W')
+            text, text_mask = self.text_encoder.encode(batch["text"])  # (B, S, Dt), (B, S)
+        empty, empty_mask = self.empty_text
+        length = max(text.shape[1], empty.shape[1])
+        text, text_mask = _pad_text(text, text_mask, length)  # (B, S, Dt), (B, S)
+        empty, empty_mask = _pad_text(empty, empty_mask, length)  # (1, S, Dt), (1, S)
+        drop = (torch.rand(latents.shape[0], generator=generator) < self.cfg.data.caption_dropout).to(self.device)
+        text = torch.where(drop[:, None, None], empty, text)  # (B, S, Dt)
+        text_mask = torch.where(drop[:, None], empty_mask, text_mask)  # (B, S)
+        return latents, text, text_mask
+
+    def loss(self, model, batch: dict, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+        from dit.conditioning import sample_cond_mask
+        from dit.diffusion import training_loss
+
+        latents, text, text_mask = self._inputs(batch, generator)  # (B, C, T', H', W')
+        batch_size, _, frames, height, width = latents.shape
+        cond_mask = sample_cond_mask(self.cfg.cond, batch_size, frames, height, width, generator).to(self.device)
+        dtype = next(model.parameters()).dtype  # bf16/fp16 engines hold half weights; feed them half inputs
+
+        def predict(x, t, text, text_mask):  # noqa: ANN001, ANN202 (training_loss's model signature)
+            return model(x.to(dtype), t, text.to(dtype), text_mask)
+
+        loss, logs = training_loss(predict, latents, process=self.process, text=text, text_mask=text_mask,
+                                   cond_mask=cond_mask, generator=generator, patch_size=self.cfg.dit.patch_size)
+        return loss, {f"dit/{key}": float(value) for key, value in logs.items() if key != "loss"}
+
+    def tokens(self, batch: dict) -> int:
+        from dit.diffusion import num_tokens
+
+        if "latents" in batch:
+            return num_tokens(batch["latents"].shape, self.cfg.dit.patch_size)
+        batch_size, _, frames, height, width = batch["video"].shape
+        latent = (batch_size, 0, *self.vae.latent_shape(frames, height, width))
+        return num_tokens(latent, self.cfg.dit.patch_size)
+
+    @torch.no_grad()
+    def media(self, step: int, *, weights: dict[str, torch.Tensor], out_dir: Path, writer: Any) -> None:
+        """Sample the fixed prompts with `weights` (the EMA) at the largest bucket; write mp4s and TensorBoard."""
+        from einops import rearrange
+
+        from data.video_io import write_video
+        from dit.model import DiT
+        from dit.sampling import sample
+
+        model = DiT(self.cfg.dit).to(self.device).eval()
+        model.load_state_dict(weights)
+        bucket = max(self.cfg.data.buckets.buckets(), key=self.cfg.data.buckets.tokens)
+        prompts = self.cfg.log.sample_prompts
+        shape = (len(prompts), self.vae.cfg.latent_channels, *self.vae.latent_shape(
+            bucket.num_frames, bucket.height, bucket.width))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.cfg.seed)).to(self.device)
+        text, text_mask = self.text_encoder.encode(prompts)  # (N, S, Dt), (N, S)
+        latents = sample(model, noise, process=self.process, sampler="euler" if self.cfg.diffusion.process == "flow"
+                         else "ddim", steps=self.cfg.log.sample_steps, text=text, text_mask=text_mask, progress=False,
+                         patch_size=self.cfg.dit.patch_size)  # (N, C, T', H', W')
+        videos = self.vae.decode(latents)  # (N, 3, T, H, W)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for index, video in enumerate(videos):
+            write_video(out_dir / f"step{step:08d}_prompt{index}.mp4", video.cpu(), fps=8.0)
+        if writer is not None:  # a strip of frames per prompt: TensorBoard's add_video needs moviepy
+            strip = rearrange(videos[:, :, :: max(1, videos.shape[2] // 8)], "n c t h w -> c (n h) (t w)")
+            writer.add_image("samples", (strip.cpu() + 1) / 2, step)
+
+    def finish(self, run_dir: Path, *, weights: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def _check_dit_fits(cfg: TrainConfig, *, text_dim: int, max_text_len: int, latent_channels: int) -> None:
+    if cfg.dit.text_dim != text_dim:
+        raise ValueError(f"dit.text_dim={cfg.dit.text_dim}: must equal the text encoder's width {text_dim} "
+                         f"(text_encoder={cfg.text_encoder!r})")
+    if cfg.dit.text_len < max_text_len:
+        raise ValueError(f"dit.text_len={cfg.dit.text_len}: must be >= the text encoder's max_length {max_text_len}")
+    if cfg.dit.in_channels != latent_channels:
+        raise ValueError(f"dit.in_channels={cfg.dit.in_channels}: must equal the VAE's latent channels "
+                         f"{latent_channels} (vae_path={cfg.vae_path!r})")
+
+
+def export_dit(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path) -> None:
+    """OUT/dit, OUT/vae (copied from `vae_path`), OUT/text_encoder for a local encoder, OUT/pipeline.json."""
+    import shutil
+
+    from dit.model import DiT
+    from dit.pipeline import PIPELINE_FILE, GenerationDefaults, PipelineConfig, write_json_atomic
+
+    model = DiT(cfg.dit)
+    model.load_state_dict(weights)
+    model.save_pretrained(out / "dit")
+    shutil.copytree(cfg.vae_path, out / "vae")
+    if Path(cfg.text_encoder).is_dir():  # a local encoder travels with the model; a name or hub id does not
+        shutil.copytree(cfg.text_encoder, out / "text_encoder")
+    bucket = max(cfg.data.buckets.buckets(), key=cfg.data.buckets.tokens)
+    defaults = GenerationDefaults(height=bucket.height, width=bucket.width, frames=bucket.num_frames,
+                                  sampler="euler" if cfg.diffusion.process == "flow" else "ddim")
+    pipeline = PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)
+    write_json_atomic(out / PIPELINE_FILE, pipeline.to_json_dict())
