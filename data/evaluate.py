@@ -277,11 +277,19 @@ def accuracy_table(results: Sequence[Mapping[str, object]]) -> str:
 
 
 def _sidecar(media: pathlib.Path) -> tuple[str, str | None] | None:
-    """(prompt, group) from x.json ({"prompt": ..., "group": ...}) or x.txt next to x.<ext>."""
+    """(prompt, group) from x.json or x.txt next to x.<ext>; None when neither names a prompt.
+
+    x.json is either {"prompt": ..., "group": ...} or the sidecar generate.py writes, whose prompt sits
+    under "request".
+    """
     json_path, text_path = media.with_suffix(".json"), media.with_suffix(".txt")
     if json_path.is_file():
         meta = json.loads(json_path.read_text())
-        return str(meta["prompt"]), meta.get("group")
+        request = meta.get("request") if isinstance(meta.get("request"), dict) else {}
+        prompt = meta.get("prompt", request.get("prompt"))
+        if prompt is None:
+            return None
+        return str(prompt), meta.get("group", request.get("group"))
     if text_path.is_file():
         return text_path.read_text().strip(), None
     return None

@@ -191,6 +191,23 @@ def test_cli_scores_a_folder_with_sidecars(tmp_path, capsys):
     assert "1 media files without a sidecar" in output and "unreadable" in output
 
 
+def test_cli_reads_the_sidecars_generate_writes(tmp_path, capsys):
+    scene = Scene(colour="red", shape="circle", size="large", motion="right", background="black",
+                  start_x=0.5, start_y=0.5)
+    write_video(tmp_path / "g.mp4", render(scene, frames=17, size=64), fps=8)
+    (tmp_path / "g.json").write_text(json.dumps(  # the layout of generate.py's sidecar: prompt under "request"
+        {"request": {"prompt": "a large red circle moving right on a black background", "seed": 0},
+         "runtime": {}, "seconds": 1.0}))
+    write_video(tmp_path / "h.mp4", render(scene, frames=17, size=64), fps=8)
+    (tmp_path / "h.json").write_text(json.dumps({"seconds": 1.0}))  # names no prompt: skipped, not a crash
+    main([str(tmp_path)])
+    output = capsys.readouterr().out
+    table = output[output.index("group"):].splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in table[2:] if line and line[0] != "("}
+    assert rows["all"] == ["1", "100.0%", "100.0%", "100.0%", "100.0%"]
+    assert "1 media files without a sidecar" in output
+
+
 @pytest.mark.parametrize("frames", [1, 17])
 def test_describe_accepts_a_file_path(tmp_path, frames):
     scene = Scene(colour="green", shape="cross", size="small", motion="up" if frames > 1 else None,
