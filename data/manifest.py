@@ -17,9 +17,10 @@ import csv
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from data.atomic import atomic_path
 
 COLUMNS = ("path", "text", "num_frames", "height", "width", "aspect_ratio", "fps")
 """The Open-Sora column order; written first, extras follow in first-seen order."""
@@ -77,23 +78,15 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record]) -> pathli
     fmt = _format_of(path)
     root = path.parent.resolve()
     rows = [_row_from_record(record, root=root) for record in records]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary file in the same folder, then os.replace: atomic on POSIX and Windows.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            if fmt == "csv":
-                extra_columns = list(dict.fromkeys(key for row in rows for key in row if key not in COLUMNS))
-                writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *extra_columns], restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-            else:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp, open(temp, "w", newline="", encoding="utf-8") as f:
+        if fmt == "csv":
+            extra_columns = list(dict.fromkeys(key for row in rows for key in row if key not in COLUMNS))
+            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *extra_columns], restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 

@@ -20,7 +20,6 @@ import importlib.util
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -28,6 +27,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 from einops import rearrange
+
+from data.atomic import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 WRITE_SUFFIXES = (".mp4", ".png", ".gif")
@@ -389,16 +390,9 @@ def write_video(path: str | os.PathLike, video: torch.Tensor, *, fps: float = 16
     if not fps > 0:
         raise ValueError(f"fps={fps}: must be > 0")
     frames = _to_uint8(video)  # (T, H, W, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         if suffix == ".mp4":
-            _write_mp4(temp, frames, fps)
+            _write_mp4(str(temp), frames, fps)
         else:
-            _write_pillow(temp, frames, fps, "PNG" if suffix == ".png" else "GIF")
-        os.replace(temp, path)
-    except BaseException:
-        pathlib.Path(temp).unlink(missing_ok=True)
-        raise
+            _write_pillow(str(temp), frames, fps, "PNG" if suffix == ".png" else "GIF")
     return path

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from data.atomic import atomic_path
 from dit.diffusion import DiffusionConfig
 from dit.inputs import load_clip, load_still
 from dit.modes import (
@@ -168,16 +168,8 @@ def random_pipeline_folder(folder: str | os.PathLike, *, text_encoder: str = "de
 
 def write_json_atomic(path: Path, values: dict) -> Path:
     """Write JSON under a temporary name in the same folder, then rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(values, f, indent=2)
-            f.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(values, indent=2) + "\n")
     return path
 
 
