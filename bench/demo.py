@@ -1,0 +1,251 @@
+"""The demo: generate a gallery with the shipped model and score it from the pixels alone.
+
+Every generation mode the demo shows runs through `dit.pipeline.Pipeline` (what generate.py uses);
+every output is read back by `data.evaluate.describe` and compared with its prompt. Two numbers the
+evaluator does not give are measured here:
+
+- image-to-video fidelity: PSNR of the first generated frame against the conditioning image;
+- extension seams: the frame difference across the seam (last given frame -> first new frame) over
+  the clip's mean frame difference; 1 means the seam is as smooth as the motion itself.
+
+Gallery files are JSONL: one `GenerationRequest` per line (any of its fields) plus "group" (the row
+it is scored in) and, for image-to-video and extension, "input": a synthetic-world scene that is
+rendered to the still or clip the request conditions on (its first `input_frames` frames).
+
+    python -m bench.demo                                   # configs/demo/gallery.jsonl -> outputs/demo/gallery
+    python -m bench.demo --full --per-group 100            # random prompts: seen, held-out, i2v, extend
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_GALLERY = ROOT / "configs" / "demo" / "gallery.jsonl"
+GROUPS = ("seen", "heldout", "i2v", "extend", "still", "loop")
+SEAM_TOLERANCE = 1.5  # target: the seam's frame difference within 1.5x the clip's mean frame difference
+PSNR_TARGET = 30.0  # dB, first frame of image-to-video against the conditioning image
+
+
+@dataclass
+class GalleryItem:
+    """One line of a gallery file: a request, the row it is scored in, and the scene its input shows."""
+
+    request: dict
+    """GenerationRequest fields (dit/modes.py); "image"/"video" are filled in from `scene`."""
+    group: str
+    """Row of the results table, e.g. "seen", "heldout", "i2v", "extend"."""
+    scene: dict | None = None
+    """data.synthetic.Scene fields of the still (i2v, loop) or clip (extend) the request conditions on."""
+    input_frames: int = 9
+    """Frames of the rendered input clip (extend); a still is its first frame."""
+    name: str = ""
+    """File stem of the output."""
+
+
+@dataclass
+class Result:
+    """What one output scored."""
+
+    item: GalleryItem
+    path: Path
+    attributes: dict = field(default_factory=dict)
+    """data.evaluate.compare plus "background": True/False per attribute, None where the prompt names none."""
+    psnr: float | None = None
+    """i2v: first frame against the conditioning image, dB."""
+    seam_ratio: float | None = None
+    """extend: frame difference across the seam / the clip's mean frame difference."""
+    seconds: float = 0.0
+
+
+def read_gallery(path: Path) -> list[GalleryItem]:
+    """Gallery items from a JSONL file ('#' lines and blank lines skipped)."""
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        values = json.loads(line)
+        group, scene = values.pop("group", "gallery"), values.pop("input", None)
+        input_frames = values.pop("input_frames", 9)
+        items.append(GalleryItem(request=values, group=group, scene=scene, input_frames=input_frames,
+                                 name=f"{number:03d}_{group}"))
+    return items
+
+
+def draw_items(per_group: int, *, seed: int) -> list[GalleryItem]:
+    """Random evaluation prompts: `per_group` each of seen and held-out text-to-video, image-to-video
+    from a rendered still (prompt names the motion) and forward extension of a rendered moving clip."""
+    from data.synthetic import caption, sample_scene
+
+    rng = random.Random(seed)
+    items = []
+    for index in range(per_group):
+        for group in ("seen", "heldout"):
+            scene = sample_scene(rng, split="train" if group == "seen" else "heldout")
+            items.append(GalleryItem(request={"prompt": caption(scene, rng), "seed": index}, group=group,
+                                     name=f"{group}_{index:04d}"))
+        scene = sample_scene(rng, split="train")
+        items.append(GalleryItem(request={"prompt": caption(scene, rng), "mode": "i2v", "seed": index},
+                                 group="i2v", scene=_scene_dict(scene), name=f"i2v_{index:04d}"))
+        while scene.motion == "static":  # a static clip has no frame difference to compare the seam with
+            scene = sample_scene(rng, split="train")
+        items.append(GalleryItem(request={"prompt": caption(scene, rng), "mode": "extend", "context_frames": 9,
+                                          "seed": index},
+                                 group="extend", scene=_scene_dict(scene), name=f"extend_{index:04d}"))
+    return items
+
+
+def _scene_dict(scene) -> dict:  # noqa: ANN001 (data.synthetic.Scene, imported lazily)
+    import dataclasses
+
+    return dataclasses.asdict(scene)
+
+
+def render_input(item: GalleryItem, folder: Path, *, frames: int, size: tuple[int, int]) -> Path | None:
+    """Write the still (png) or clip (mp4) of the item's scene; None when it conditions on nothing."""
+    from data.synthetic import Scene, render
+    from data.video_io import write_video
+
+    if item.scene is None:
+        return None
+    scene = Scene(**item.scene)
+    if item.request.get("mode") == "extend":
+        video = render(scene, frames=frames, size=size)[:, : item.input_frames]  # (3, T_in, H, W)
+        return write_video(folder / f"{item.name}_input.mp4", video, fps=8.0)
+    still = render(scene, frames=frames, size=size)[:, :1]  # (3, 1, H, W): where the clip starts
+    return write_video(folder / f"{item.name}_input.png", still, fps=1.0)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two images in [-1, 1], with the peak at the full 0-255 range."""
+    mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2).square().mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def seam_ratio(video: torch.Tensor, seam: int) -> float:
+    """Mean absolute difference between frames seam-1 and seam, over the mean over all consecutive
+    frame pairs of the (3, T, H, W) clip."""
+    differences = (video[:, 1:] - video[:, :-1]).abs().mean(dim=(0, 2, 3))  # (T-1,)
+    return float(differences[seam - 1] / differences.mean().clamp_min(1e-8))
+
+
+def run_item(pipe, item: GalleryItem, out_dir: Path) -> Result:  # noqa: ANN001 (dit.pipeline.Pipeline)
+    """Generate one item, write it with a sidecar that data.evaluate reads, and score it."""
+    from data.evaluate import compare, describe, parse_prompt
+    from data.video_io import read_frames, write_video
+    from dit.modes import GenerationRequest
+
+    defaults = pipe.config.defaults
+    request = dict(item.request)
+    source = render_input(item, out_dir / "inputs", frames=defaults.frames, size=(defaults.height, defaults.width))
+    if source is not None:
+        request["video" if request.get("mode") == "extend" else "image"] = str(source)
+    start = time.perf_counter()
+    sample = pipe.generate(GenerationRequest(**request), progress=False)[0]
+    video = sample.video  # (3, T, H, W)
+    suffix = ".png" if video.shape[1] == 1 else ".mp4"
+    path = write_video(out_dir / f"{item.name}{suffix}", video, fps=sample.request.fps)
+    sidecar = {"prompt": sample.request.prompt, "group": item.group, **sample.request.to_dict()}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+    named, seen = parse_prompt(sample.request.prompt), describe(video)
+    attributes = {**compare(named, seen), "background": None if named["background"] is None
+                  else seen["background"] == named["background"]}
+    result = Result(item=item, path=path, attributes=attributes, seconds=time.perf_counter() - start)
+    if sample.request.mode == "i2v":
+        result.psnr = psnr(video[:, 0], read_frames(source, [0])[:, 0])
+    if sample.request.mode == "extend" and sample.request.direction == "forward":
+        result.seam_ratio = seam_ratio(video, sample.request.context_frames)
+    return result
+
+
+def results_table(results: list[Result]) -> str:
+    """Per group: count, match rate per attribute (and background), and the i2v / extension measures."""
+    from data.evaluate import ATTRIBUTES
+
+    columns = (*ATTRIBUTES, "background")
+    groups: dict[str, list[Result]] = {}
+    for result in results:
+        groups.setdefault(result.item.group, []).append(result)
+    header = f"{'group':<9} {'n':>4} " + " ".join(f"{a[:7]:>7}" for a in columns) + "   extra"
+    lines = [header, "-" * (len(header) + 30)]
+    for group, members in sorted(groups.items(), key=lambda kv: _group_order(kv[0])):
+        cells = []
+        for attribute in columns:
+            scored = [r.attributes[attribute] for r in members if r.attributes.get(attribute) is not None]
+            cells.append(f"{100 * sum(scored) / len(scored):6.1f}%" if scored else f"{'-':>7}")
+        lines.append(f"{group:<9} {len(members):>4} " + " ".join(cells) + "   " + _extra(members))
+    return "\n".join(lines)
+
+
+def _group_order(group: str) -> tuple[int, str]:
+    return (GROUPS.index(group) if group in GROUPS else len(GROUPS), group)
+
+
+def _extra(members: list[Result]) -> str:
+    psnrs = [r.psnr for r in members if r.psnr is not None]
+    seams = [r.seam_ratio for r in members if r.seam_ratio is not None]
+    parts = []
+    if psnrs:
+        passing = sum(p >= PSNR_TARGET for p in psnrs) / len(psnrs)
+        parts.append(f"first-frame PSNR mean {sum(psnrs) / len(psnrs):.1f} dB, min {min(psnrs):.1f} dB, "
+                     f"{100 * passing:.0f}% >= {PSNR_TARGET:g} dB")
+    if seams:
+        seams = sorted(seams)
+        passing = sum(s <= SEAM_TOLERANCE for s in seams) / len(seams)
+        parts.append(f"seam/mean frame diff median {seams[len(seams) // 2]:.2f}, "
+                     f"{100 * passing:.0f}% <= {SEAM_TOLERANCE:g}")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.demo", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "weights" / "demo", help="model folder")
+    parser.add_argument("--gallery", type=Path, default=DEFAULT_GALLERY, help="gallery JSONL (without --full)")
+    parser.add_argument("--full", action="store_true", help="random prompts instead of the gallery file")
+    parser.add_argument("--per-group", type=int, default=100, help="--full: samples per group")
+    parser.add_argument("--seed", type=int, default=0, help="--full: which prompts and scenes are drawn")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default outputs/demo/gallery, or outputs/demo/eval with --full)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.model / "pipeline.json").is_file():
+        parser.error(f"--model {args.model}: no model folder there; train one with `make demo-train`")
+    from dit.pipeline import Pipeline
+
+    out_dir = args.out or ROOT / "outputs" / "demo" / ("eval" if args.full else "gallery")
+    items = draw_items(args.per_group, seed=args.seed) if args.full else read_gallery(args.gallery)
+    for item in items:
+        for name, value in (("steps", args.steps), ("guidance_scale", args.guidance_scale)):
+            if value is not None:
+                item.request.setdefault(name, value)
+    pipe = Pipeline.from_pretrained(args.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, started = [], time.perf_counter()
+    for number, item in enumerate(items, start=1):
+        results.append(run_item(pipe, item, out_dir))
+        if number % 20 == 0 or number == len(items):
+            print(f"{number}/{len(items)} samples, {time.perf_counter() - started:.0f}s", flush=True)
+    table = results_table(results)
+    (out_dir / "results.txt").write_text(table + "\n")
+    print(table)
+    seconds = sum(r.seconds for r in results) / len(results)
+    print(f"\n{len(results)} outputs ({seconds:.1f}s each) with sidecars in {out_dir}/; inputs in {out_dir}/inputs/; "
+          f"table in {out_dir}/results.txt; rescore with `python -m data.evaluate {out_dir}`")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The demo: its gallery and evaluation prompts are what they claim, its measures are exact on known
+cases, and the shipped weights/demo follow a prompt (checked only where the weights exist)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.demo import DEFAULT_GALLERY, draw_items, psnr, read_gallery, seam_ratio
+from data.evaluate import describe, parse_prompt
+from data.synthetic import MOTIONS, Scene, is_heldout, render
+from dit.modes import GenerationRequest
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread is fastest, and far faster on a loaded machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _combination(prompt: str) -> tuple[str, str, str]:
+    named = parse_prompt(prompt)
+    return named["colour"], named["shape"], named["motion"]
+
+
+def test_gallery_lines_are_valid_requests_in_their_group():
+    items = read_gallery(DEFAULT_GALLERY)
+    assert {item.group for item in items} >= {"seen", "heldout", "still", "i2v", "extend", "loop"}
+    for item in items:
+        rendered = {} if item.scene is None else {"video" if item.request.get("mode") == "extend" else "image": "input"}
+        request = GenerationRequest(**item.request, **rendered)  # raises on an unknown field or a bad value
+        if item.group in ("seen", "heldout"):
+            assert is_heldout(*_combination(request.prompt)) == (item.group == "heldout"), request.prompt
+        if item.scene is not None:
+            scene = Scene(**item.scene)
+            named = parse_prompt(request.prompt)
+            assert (named["colour"], named["shape"], named["motion"]) == (scene.colour, scene.shape, scene.motion)
+
+
+def test_drawn_items_respect_the_held_out_split():
+    items = draw_items(20, seed=3)
+    assert len(items) == 4 * 20
+    for item in items:
+        combination = _combination(item.request["prompt"])
+        assert combination[2] in MOTIONS, item.request["prompt"]  # every prompt names its motion
+        assert is_heldout(*combination) == (item.group == "heldout"), item.request["prompt"]
+        if item.group == "extend":
+            assert item.scene["motion"] != "static"  # a seam needs motion to be compared with
+    assert draw_items(20, seed=3) == items  # a pure function of the seed
+
+
+def test_psnr_is_exact_for_a_constant_offset():
+    image = torch.rand(3, 16, 16) * 1.6 - 0.8
+    # An offset of 0.2 in [-1, 1] is 0.1 of the full range: MSE 0.01, PSNR 20 dB.
+    assert psnr(image + 0.2, image) == pytest.approx(20.0, abs=1e-4)
+    assert psnr(image, image) == float("inf")
+
+
+def test_seam_ratio_is_one_for_uniform_motion_and_large_for_a_jump():
+    scene = Scene(colour="red", shape="square", size="large", motion="right", background="black",
+                  start_x=0.3, start_y=0.5)
+    clip = render(scene, frames=17, size=64)  # (3, T, H, W), constant speed
+    assert seam_ratio(clip, 9) == pytest.approx(1.0, rel=0.15)
+    # The second half comes from a scene that starts elsewhere: a cut at frame 9.
+    other = render(dataclasses.replace(scene, start_y=0.1), frames=17, size=64)
+    cut = torch.cat([clip[:, :9], other[:, 9:]], dim=1)  # (3, T, H, W)
+    assert seam_ratio(cut, 9) > 3.0
+
+
+needs_weights = pytest.mark.skipif(not (WEIGHTS / "pipeline.json").is_file(), reason="weights/demo not trained yet")
+MAX_SHIPPED_BYTES = 15 * 2**20  # the repository carries the demo weights: keep them small
+
+
+@needs_weights
+def test_shipped_weights_are_small_and_load_as_float32():
+    """weights/demo is stored in float16; the pipeline must still compute in float32."""
+    from dit.pipeline import Pipeline
+
+    assert sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file()) <= MAX_SHIPPED_BYTES
+    pipe = Pipeline.from_pretrained(WEIGHTS)
+    for module in (pipe.dit, pipe.vae):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+
+
+@needs_weights
+@pytest.mark.xfail(strict=True, reason="the demo VAE does not reconstruct shapes yet (docs/demo.md, "
+                                       "'What is missing'); strict, so a model that passes must drop this mark")
+@pytest.mark.parametrize("prompt,seed", [
+    ("a large red circle moving left on a black background", 0),
+    ("a small blue square moving down on a white background", 1),
+])
+def test_shipped_weights_follow_the_prompt(prompt: str, seed: int):
+    """The shipped model, loaded as generate.py loads it, shows what the prompt names."""
+    from dit.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(WEIGHTS)
+    video = pipe(prompt, seed=seed)[0]  # (3, T, H, W)
+    seen, named = describe(video), parse_prompt(prompt)
+    for attribute in ("colour", "shape", "size", "motion", "background"):
+        assert seen[attribute] == named[attribute], (attribute, seen)
