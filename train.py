@@ -604,7 +604,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", metavar="RUN_DIR", help="write RUN_DIR's latest EMA weights as a model folder")
     parser.add_argument("--out", help="model folder written by --export")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may sit between overrides
     if args.export:
         if not args.out:
             parser.error("--export needs --out MODEL_DIR")

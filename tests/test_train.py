@@ -296,3 +296,13 @@ def test_every_shipped_training_config_loads_and_round_trips(path, tmp_path):
 
     cfg = load_config(TrainConfig, path)
     assert load_config(TrainConfig, save_config(cfg, tmp_path / "c.yaml")) == cfg
+
+
+def test_cli_takes_options_between_overrides(capsys):
+    """`--resume latest` may sit between overrides: the override after it still reaches the config loader."""
+    from train import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--config", str(ROOT / "configs/train/dit_debug.yaml"), "steps=1", "--resume", "latest", "bogus.key=3"])
+    assert exit_info.value.code == 2
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
