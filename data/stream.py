@@ -46,3 +46,21 @@ class BucketStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler_state = state or None
+
+
+class StreamTask:
+    """The data half of a training task (train.py's Task protocol): batches and their resumable position.
+
+    A task sets `self.stream` in its constructor and adds the model half (loss, tokens, media, finish).
+    """
+
+    stream: BucketStream
+
+    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
+        return self.stream.batches(dp_rank=dp_rank, dp_size=dp_size)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)

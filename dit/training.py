@@ -7,13 +7,12 @@ the folder generate.py loads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from data.stream import BucketStream
+from data.stream import BucketStream, StreamTask
 
 if TYPE_CHECKING:
     from train import TrainConfig
@@ -26,7 +25,7 @@ def _pad_text(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[to
             torch.nn.functional.pad(mask, (0, pad), value=False))  # (B, length)
 
 
-class DiTTask:
+class DiTTask(StreamTask):
     """Latents (cached, or encoded on the fly by a frozen VAE) + captions -> diffusion loss.
 
     Caption dropout swaps a sample's caption for the empty prompt (the unconditional input of
@@ -57,15 +56,6 @@ class DiTTask:
         else:
             dataset, collate = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed), collate_samples
         self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate, num_workers=cfg.data.num_workers)
-
-    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        return self.stream.batches(dp_rank=dp_rank, dp_size=dp_size)
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
 
     @torch.no_grad()
     def _inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -102,15 +102,12 @@ def ulysses_worker() -> None:
     parallel.destroy_distributed()
 
 
-def test_ulysses_on_two_ranks_matches_one_process(tmp_path):
-    block, tokens, time_mod, context, context_mask, angles = block_inputs()
-    expected = block(tokens, time_mod, context, context_mask, (angles.cos(), angles.sin()))  # (B, L, D)
-    expected.square().sum().backward()
-    out_file = tmp_path / "out.pt"
+def run_two_ranks(worker: str, out_file: Path) -> None:
+    """Run `worker` from this file on 2 gloo ranks (OUT=out_file); fail with its log, never hang."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OUT": str(out_file),
            "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    code = "from test_parallel import ulysses_worker; ulysses_worker()"
+    code = f"from test_parallel import {worker}; {worker}()"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(2)]
@@ -121,6 +118,14 @@ def test_ulysses_on_two_ranks_matches_one_process(tmp_path):
             proc.kill()
     for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-3000:]
+
+
+def test_ulysses_on_two_ranks_matches_one_process(tmp_path):
+    block, tokens, time_mod, context, context_mask, angles = block_inputs()
+    expected = block(tokens, time_mod, context, context_mask, (angles.cos(), angles.sin()))  # (B, L, D)
+    expected.square().sum().backward()
+    out_file = tmp_path / "out.pt"
+    run_two_ranks("ulysses_worker", out_file)
     result = torch.load(out_file)
     torch.testing.assert_close(result["out"], expected.detach(), rtol=1e-5, atol=1e-5)
     for name, p in block.named_parameters():
@@ -193,20 +198,7 @@ def dit_worker() -> None:
 
 def test_sequence_parallel_dit_on_two_ranks_matches_one_process(tmp_path):
     out_file = tmp_path / "out.pt"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "OUT": str(out_file),
-           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    code = "from test_parallel import dit_worker; dit_worker()"
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    try:
-        logs = [proc.communicate(timeout=120)[0].decode(errors="replace") for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-3000:]
+    run_two_ranks("dit_worker", out_file)
     ranks = [torch.load(f"{out_file}.{r}") for r in range(2)]
     for name in DIT_CASES:
         model, inputs, weight = dit_case(name)

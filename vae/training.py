@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from data.stream import BucketStream
+from data.stream import BucketStream, StreamTask
 
 if TYPE_CHECKING:
     from train import TrainConfig
@@ -53,7 +52,7 @@ class VAEWithLoss(torch.nn.Module):
         return total + active * disc_loss, {**logs, **disc_logs}
 
 
-class VAETask:
+class VAETask(StreamTask):
     """Pixel clips and images from a manifest -> reconstruction + KL (+ adversarial) loss (vae/losses.py)."""
 
     def __init__(self, cfg: TrainConfig, *, device: torch.device):
@@ -65,15 +64,6 @@ class VAETask:
         dataset = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed)
         self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate_samples, num_workers=cfg.data.num_workers)
         self.media_batch: torch.Tensor | None = None
-
-    def batches(self, *, dp_rank: int, dp_size: int) -> Iterator[dict]:
-        return self.stream.batches(dp_rank=dp_rank, dp_size=dp_size)
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
 
     def loss(self, model, batch: dict, *, generator: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
         if self.media_batch is None:  # the first clip seen is the one reconstructed in the logs, every time
