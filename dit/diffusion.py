@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
 import torch
@@ -354,18 +354,8 @@ class DiffusionConfig:
 def build_process(cfg: DiffusionConfig) -> Process:
     if cfg.process == "ddpm":
         return DDPM(schedule=cfg.schedule, prediction=cfg.prediction, num_timesteps=cfg.num_timesteps)
-    return FlowMatching(
-        shift=cfg.shift,
-        dynamic_shift=cfg.dynamic_shift,
-        min_tokens=cfg.min_tokens,
-        max_tokens=cfg.max_tokens,
-        min_log_shift=cfg.min_log_shift,
-        max_log_shift=cfg.max_log_shift,
-        sigma_sampling=cfg.sigma_sampling,
-        logit_mean=cfg.logit_mean,
-        logit_std=cfg.logit_std,
-        num_timesteps=cfg.num_timesteps,
-    )
+    # The config's flow fields carry the process's own names, so they pass through by name.
+    return FlowMatching(**{f.name: getattr(cfg, f.name) for f in fields(FlowMatching)})
 
 
 PRESETS: dict[str, DiffusionConfig] = {

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dit.conditioning import model_timesteps, position_mask, sdedit_start_step
 from dit.diffusion import DDPM, FlowMatching, Model, Process, draw_noise, num_tokens
+from dit.text_encoder import pad_text
 
 SAMPLERS = {"ddpm": DDPM, "ddim": DDPM, "euler": FlowMatching, "heun": FlowMatching}
 SPACINGS = ("leading", "trailing")
@@ -163,14 +164,6 @@ def classifier_score(log_prob: ClassifierLogProb, x: Tensor, t_model: Tensor) ->
     return grad
 
 
-def _pad_text(text: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Pad (B, S, Dt) text and its (B, S) mask to `length` tokens; padding is masked out."""
-    extra = length - text.shape[1]
-    text = torch.cat([text, text.new_zeros(text.shape[0], extra, text.shape[2])], dim=1)  # (B, S', Dt)
-    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)  # (B, S')
-    return text, mask
-
-
 @dataclass
 class _Denoiser:
     """The model plus everything that turns its raw output into the prediction a step uses."""
@@ -196,8 +189,8 @@ class _Denoiser:
         else:
             # Conditional and unconditional in one batched forward: [cond; uncond].
             length = max(self.text.shape[1], self.neg_text.shape[1])
-            text, text_mask = _pad_text(self.text, self.text_mask, length)
-            neg_text, neg_mask = _pad_text(self.neg_text, self.neg_mask, length)
+            text, text_mask = pad_text(self.text, self.text_mask, length)
+            neg_text, neg_mask = pad_text(self.neg_text, self.neg_mask, length)
             both = self.model(
                 torch.cat([x, x]),  # (2B, C, T', H', W')
                 torch.cat([t_model, t_model]),

@@ -77,6 +77,13 @@ worst best bad good ugly deformed distorted artifacts watermark text logo static
 """.split()
 
 
+def pad_text(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad text states (B, S, Dt) and their mask (B, S) to S = length with masked zeros."""
+    pad = length - hidden.shape[1]
+    return (torch.nn.functional.pad(hidden, (0, 0, 0, pad)),  # (B, length, Dt)
+            torch.nn.functional.pad(mask, (0, pad), value=False))  # (B, length)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------------

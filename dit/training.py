@@ -13,16 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from data.stream import BucketStream, StreamTask
+from dit.text_encoder import pad_text
 
 if TYPE_CHECKING:
     from train import TrainConfig
-
-
-def _pad_text(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad text states (B, S, Dt) and mask (B, S) with masked zeros to S = length."""
-    pad = length - hidden.shape[1]
-    return (torch.nn.functional.pad(hidden, (0, 0, 0, pad)),  # (B, length, Dt)
-            torch.nn.functional.pad(mask, (0, pad), value=False))  # (B, length)
 
 
 class DiTTask(StreamTask):
@@ -68,8 +62,8 @@ class DiTTask(StreamTask):
             text, text_mask = self.text_encoder.encode(batch["text"])  # (B, S, Dt), (B, S)
         empty, empty_mask = self.empty_text
         length = max(text.shape[1], empty.shape[1])
-        text, text_mask = _pad_text(text, text_mask, length)  # (B, S, Dt), (B, S)
-        empty, empty_mask = _pad_text(empty, empty_mask, length)  # (1, S, Dt), (1, S)
+        text, text_mask = pad_text(text, text_mask, length)  # (B, S, Dt), (B, S)
+        empty, empty_mask = pad_text(empty, empty_mask, length)  # (1, S, Dt), (1, S)
         drop = (torch.rand(latents.shape[0], generator=generator) < self.cfg.data.caption_dropout).to(self.device)
         text = torch.where(drop[:, None, None], empty, text)  # (B, S, Dt)
         text_mask = torch.where(drop[:, None], empty_mask, text_mask)  # (B, S)
