@@ -53,7 +53,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 # ----------------------------------------------------------------------------------------------------
 # Process groups and rank helpers
 # ----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that is free right now (for a single-node process group)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -68,7 +69,7 @@ def init_distributed(*, timeout_s: float = 600.0) -> None:
         return
     if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -7,7 +7,6 @@ all-to-all hook installed and compares with the same block on the whole sequence
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from dit import parallel
+from dit.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,12 +53,6 @@ def test_memory_estimate_shrinks_with_sharding_and_matches_deepspeed_formula():
     assert eight < one
     zero3, _ = parallel.estimate_model_states_gib(params, zero_stage=3, gpus_per_node=8, largest_layer_params=10**7)
     assert zero3 < eight
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def block_inputs():

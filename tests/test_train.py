@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from config import load_config
+from dit.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4
@@ -104,12 +104,6 @@ def run_worker(spec_json: str) -> None:
                         "ema": {k: v.tolist() for k, v in trainer.ema.weights.items()}})
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["out"]).write_text(json.dumps(results))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(spec: dict, *, ranks: int) -> list[subprocess.Popen]:

@@ -129,8 +129,9 @@ def test_dit_with_sequence_parallel_on_two_ranks_matches_one_process(world, tmp_
     """Ulysses over 2 ranks (one data-parallel group): the same batches, noise, losses and weights as one
     process. Checkpointed blocks recompute their sharded attention in backward; condition masks give
     per-frame and per-token timesteps."""
-    from test_train import finish, free_port
+    from test_train import finish
 
+    from dit.parallel import free_port
     from train import TrainConfig, Trainer, build_task
 
     common = ["task=dit", f"vae_path={world['vae']}", f"data.manifest={world['manifest']}", "steps=4",
