@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import relative_error
 
 from dit.convert import (
     config_from_state_dict,
@@ -49,10 +50,6 @@ def inputs(seed: int = 0):
     x = torch.randn(2, 4, 3, 4, 6, generator=g)
     text = torch.randn(2, 7, 24, generator=g)
     return x, text, torch.ones(2, 7, dtype=torch.bool)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def assert_parity(model: DiT, reference) -> None:

@@ -2,12 +2,9 @@
 
 import pytest
 import torch
+from helpers import relative_error
 
 from vae.model import PRESETS, CausalVAE, DiagonalGaussian, VAEConfig
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def random_vae(seed: int = 0, **overrides) -> CausalVAE:

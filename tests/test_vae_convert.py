@@ -4,15 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import relative_error
 
 from vae.convert import config_from_original_state, diffusers_key, load_wan_vae, main
 from vae.model import PRESETS, CausalVAE, VAEConfig
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def tiny_peer(

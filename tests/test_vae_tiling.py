@@ -3,13 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import relative_error
 
 from vae.model import CausalVAE, VAEConfig
 from vae.tiling import ramp, tile_starts, tiled
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_tiles_cover_the_frame_and_end_at_the_edge():
