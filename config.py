@@ -107,6 +107,11 @@ def _build(cls: type[T], values: dict, *, prefix: str) -> T:
         raise ConfigError(f"{where}: {err}") from None
 
 
+def from_dict(schema: type[T], values: dict) -> T:
+    """Build a (nested) config dataclass from plain values, e.g. JSON, where tuples came back as lists."""
+    return _build(schema, values, prefix="")
+
+
 def to_dict(cfg: Any) -> dict:
     """A plain, JSON/YAML-serialisable dict of a (nested) config dataclass."""
     def convert(value: Any) -> Any:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from config import from_dict
 from data.buckets import Bucket, BucketBatchSampler, BucketConfig, derive_seed
 from data.dataset import VideoDataset
 from data.manifest import Record, read_manifest
@@ -239,7 +240,7 @@ class CachedLatentDataset(Dataset):
             raise ValueError(
                 f"{self.folder}: cache format {identity['format']}, this code reads {CACHE_FORMAT}"
             )
-        self.config = config or BucketConfig(**_tuples(identity["buckets"]))
+        self.config = config or from_dict(BucketConfig, identity["buckets"])
         missing = [i for i in range(identity["num_shards"]) if not shard_path(self.folder, i).exists()]
         if missing:
             raise ValueError(
@@ -303,13 +304,6 @@ def collate_latents(samples: list[dict]) -> dict:
         "path": [sample["path"] for sample in samples],
         "bucket": buckets.pop(),
         "failed": [],  # bad files were left out when the cache was built (see CachedLatentDataset.failed)
-    }
-
-
-def _tuples(fields: dict) -> dict:
-    """JSON turns tuples into lists; the config's tuple fields want tuples back."""
-    return {
-        key: tuple(value) if key in ("vae_stride", "patch_size") else value for key, value in fields.items()
     }
 
 
