@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from config import from_dict
+from data.atomic import atomic_path
 from data.buckets import Bucket, BucketBatchSampler, BucketConfig, derive_seed
 from data.dataset import VideoDataset
 from data.manifest import Record, read_manifest
@@ -159,9 +160,8 @@ def _write_shard(
         tensors[f"{j}.text_mask"] = mask[j].bool().cpu().contiguous()  # (S,)
         samples.append({"path": records[index].path, "text": records[index].text})
     metadata = {"samples": json.dumps(samples, ensure_ascii=False), "failed": json.dumps(failed)}
-    temporary = target.with_name(f".{target.name}.tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, target)
+    with atomic_path(target) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def shard_path(out_dir: pathlib.Path, shard_index: int) -> pathlib.Path:
@@ -183,9 +183,8 @@ def _pin_identity(out_dir: pathlib.Path, identity: dict) -> None:
                 "resume with the same settings or write to a fresh --out folder"
             )
         return
-    temporary = path.with_name(".cache.json.tmp")
-    temporary.write_text(json.dumps(identity, indent=2) + "\n")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(identity, indent=2) + "\n")
 
 
 @torch.no_grad()
