@@ -166,6 +166,32 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Folders on disk
 # ----------------------------------------------------------------------------------------------------
+def load_model_folder(model: torch.nn.Module, folder: str | os.PathLike, *, part: str) -> Path:
+    """Copy the weights of a saved model folder (`save_pretrained`, or an export holding `part`/) into `model`.
+
+    Every tensor must match by name and shape; the error names the ones that do not, so a config that
+    differs from the folder's is caught here and not as a silently half-loaded model.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / part / "model.safetensors").is_file():
+        folder = folder / part
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={folder}: no model.safetensors there or in {folder / part}")
+    weights, own = load_file(str(path)), model.state_dict()
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    reshaped = sorted(key for key in own.keys() & weights.keys() if own[key].shape != weights[key].shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"init_from={path} does not fit this run's {part} config: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, other shapes {reshaped[:4]} (set the {part} section to the folder's config.json)"
+        )
+    model.load_state_dict({key: value.to(own[key].dtype) for key, value in weights.items()})
+    return path
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 

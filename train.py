@@ -515,6 +515,9 @@ class TrainConfig(LoopConfig):
     """Reconstruction, KL and discriminator weights (task 'vae')."""
     vae_stats_clips: int = 64
     """Task 'vae': clips used for the latent statistics computed at the end (stored with the export)."""
+    init_from: str | None = None
+    """A saved model folder (a DiT or VAE folder, or an export holding dit/ or vae/) whose weights start this
+    run: fine-tuning. Step, optimizer and data order start fresh; a --resume checkpoint replaces them all."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -577,10 +580,14 @@ def build_task(cfg: TrainConfig) -> Task:
     if cfg.task == "dit":
         from dit.training import DiTTask
 
-        return DiTTask(cfg, device=device)
-    from vae.training import VAETask
+        task = DiTTask(cfg, device=device)
+    else:
+        from vae.training import VAETask
 
-    return VAETask(cfg, device=device)
+        task = VAETask(cfg, device=device)
+    if cfg.init_from:
+        ckpt.load_model_folder(task.model if cfg.task == "dit" else task.model.vae, cfg.init_from, part=cfg.task)
+    return task
 
 
 def main(cfg: TrainConfig, *, resume: str | None = None) -> list[dict[str, float]]:

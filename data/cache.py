@@ -227,6 +227,16 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
+def _files_digest(folder: pathlib.Path) -> str:
+    """Of a model folder's weights and config: a VAE retrained into the same folder is another VAE."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(folder / name, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 class CachedLatentDataset(Dataset):
     """Samples of a finished cache, bucketed by latent shape; batch it with ``sampler()``."""
 
@@ -343,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         device=args.device,
         dtype=getattr(torch, args.dtype),
-        vae_id=str(pathlib.Path(args.vae).resolve()),
+        vae_id=f"{pathlib.Path(args.vae).resolve()} sha256:{_files_digest(pathlib.Path(args.vae))}",
     )
     dataset = CachedLatentDataset(args.out)
     print(f"cached {len(dataset)} samples in {args.out}; {len(dataset.failed)} files could not be decoded")

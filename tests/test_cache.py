@@ -180,3 +180,10 @@ def test_the_command_line_caches_with_the_real_vae_and_text_encoder(tmp_path):
         hidden, mask = text_encoder.encode([record.text])
         assert torch.equal(sample["text_mask"], mask[0])
         torch.testing.assert_close(sample["text_hidden"], hidden[0])
+
+    # a VAE retrained into the same folder is another VAE: resuming into this cache is refused
+    main([*argv, "--device", "cpu", "--buckets", "debug"])  # same weights: resumes, nothing to do
+    torch.manual_seed(1)
+    CausalVAE(VAEConfig.from_preset("debug")).save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match=r"different \['vae'\]"):
+        main([*argv, "--device", "cpu", "--buckets", "debug"])

@@ -107,6 +107,29 @@ def test_vae_loss_falls_with_the_discriminator_on_and_exports_latent_stats(world
     assert vae.cfg.latents_mean == stats["mean"] and len(stats["std"]) == vae.cfg.latent_channels
 
 
+def test_init_from_starts_a_run_from_saved_weights_with_a_fresh_optimizer(world, tmp_path):
+    from safetensors.torch import load_file
+
+    from train import TrainConfig, Trainer, build_task
+
+    vae_run = ["task=vae", f"data.manifest={world['manifest']}", "steps=1", "ema.decay=0", "vae_loss.disc_weight=0",
+               *BUCKETS, *QUIET]  # fmt: skip
+    saved = load_file(str(world["vae"] / "model.safetensors"))
+    cfg = load_config(TrainConfig, None, [*vae_run, f"run_dir={tmp_path / 'a'}", f"init_from={world['vae']}", "seed=5"])
+    task = build_task(cfg)
+    assert all(torch.equal(task.model.vae.state_dict()[key], value) for key, value in saved.items())
+    trainer = Trainer(cfg, task)
+    assert trainer.step == 0 and not trainer.engine.optimizer.state  # fine-tuning: nothing else carried over
+
+    # a config that does not match the folder is refused by name, before anything trains
+    cfg = load_config(TrainConfig, None, [*vae_run, f"run_dir={tmp_path / 'b'}", f"init_from={world['vae']}",
+                                          "vae.latent_channels=8"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"does not fit this run's vae config: .*other shapes \['conv1.bias'"):
+        build_task(cfg)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        build_task(load_config(TrainConfig, None, [*vae_run, f"run_dir={tmp_path / 'c'}", f"init_from={tmp_path}"]))
+
+
 def sp_worker(overrides_json: str) -> None:
     """One rank of a DiT run with the given overrides; rank 0 writes the losses and final EMA weights."""
     from dit import parallel

@@ -155,3 +155,43 @@ def test_presets_and_config_validation():
         VAEConfig(temporal_downsample=(True,))
     with pytest.raises(ValueError, match="latents_std"):
         VAEConfig(latent_channels=2, latents_mean=[0.0, 0.0], latents_std=[1.0, 0.0])
+
+
+def test_per_frame_init_starts_as_an_image_vae():
+    # what stills pretraining relies on: a fresh clip model is the image model on frames 0, 4, 8, ...
+    torch.manual_seed(0)
+    model = CausalVAE(VAEConfig.from_preset("debug", per_frame_init=True, logvar_init=-4.0)).eval()
+    x = random_clip(9)
+    with torch.no_grad():
+        clip_latent = model.encode(x)  # (2, 4, 3, 2, 2)
+        image_latents = torch.cat([model.encode(x[:, :, t : t + 1]) for t in (0, 4, 8)], dim=2)
+        decoded = model.decode(clip_latent)  # (2, 3, 9, 16, 16)
+        images = [model.decode(clip_latent[:, :, k : k + 1]) for k in range(3)]
+        posterior = model.encode_posterior(x)
+    assert relative_error(clip_latent, image_latents) < 1e-5
+    assert relative_error(decoded[:, :, :1], images[0]) < 1e-5
+    for t in range(1, 9):  # frames 1-4 repeat latent frame 1, frames 5-8 latent frame 2
+        assert relative_error(decoded[:, :, t : t + 1], images[(t + 3) // 4]) < 1e-5
+    assert torch.allclose(posterior.logvar, torch.full_like(posterior.logvar, -4.0), atol=1.0)
+    # the default (Wan's) init mixes frames from the start
+    torch.manual_seed(0)
+    wan_init = CausalVAE(VAEConfig.from_preset("debug")).eval()
+    with torch.no_grad():
+        assert relative_error(wan_init.encode(x)[:, :, 1:2], wan_init.encode(x[:, :, 4:5])) > 1e-2
+
+
+@pytest.mark.parametrize(("kernel", "padding", "stride"), [(3, 1, 1), ((3, 1, 1), (1, 0, 0), 1), (1, 0, 1), (3, 1, (1, 2, 2))])
+def test_one_frame_fast_path_equals_the_padded_3d_convolution(kernel, padding, stride):
+    # an image through a causal conv: the 2D shortcut must give what Conv3d over the zero padding gives
+    import torch.nn.functional as F
+
+    from vae.layers import CausalConv3d
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(4, 6, kernel, padding=padding, stride=stride)
+    x = torch.randn(2, 4, 1, 16, 16)
+    pad_t, pad_h, pad_w = conv.context, *conv.space_pad[2::-2]
+    reference = F.conv3d(F.pad(x, (pad_w, pad_w, pad_h, pad_h, pad_t, 0)), conv.weight, conv.bias, conv.stride)
+    with torch.no_grad():
+        out = conv(x)
+    assert out.shape == reference.shape and torch.allclose(out, reference, atol=1e-6)

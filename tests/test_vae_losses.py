@@ -45,6 +45,16 @@ def test_total_is_the_weighted_sum_and_the_discriminator_waits(frames):
     assert logs["generator_adv"] == -loss_fn.discriminator(recon).mean()
 
 
+def test_l2_term_is_the_mean_squared_error():
+    x, recon = clip(3), clip(3, seed=1)
+    posterior = DiagonalGaussian(torch.zeros(2, 8, 1, 2, 2))
+    total, logs = VAELoss(VAELossConfig(l1_weight=0.0, l2_weight=2.0, ssim_weight=0.0, kl_weight=0.0,
+                                        disc_weight=0.0))(x, recon, posterior, step=0)  # fmt: skip
+    assert torch.allclose(logs["l2"], F.mse_loss(recon, x)) and torch.allclose(total, 2.0 * F.mse_loss(recon, x))
+    _, logs = VAELoss(VAELossConfig(disc_weight=0.0))(x, recon, posterior, step=0)
+    assert "l2" not in logs  # off by default: the term is not computed
+
+
 class ConstantLogits(nn.Module):
     """A stand-in discriminator: logit `real` for the real batch (first call), `fake` otherwise."""
 

@@ -90,6 +90,11 @@ class CausalConv3d(nn.Conv3d):
                 missing -= past.shape[2]
             # a copy, so the cache does not keep this whole chunk alive
             cache.keep(self, x[:, :, -self.context :].clone())
+        if x.shape[2] == 1 and missing == self.context and self.stride[0] == 1:
+            # An image, or a clip's first frame: every earlier tap would multiply zero padding, so
+            # the last tap alone, as a 2D convolution, gives the same frame at 1/k of the cost.
+            out = F.conv2d(F.pad(x[:, :, 0], self.space_pad), self.weight[:, :, -1], self.bias, self.stride[1:])
+            return out.unsqueeze(2)  # (B, C', 1, H, W)
         if missing > 0 or any(self.space_pad):
             x = F.pad(x, (*self.space_pad, missing, 0))  # (B, C, context + T, H + 2p, W + 2p)
         if _use_onednn(x):

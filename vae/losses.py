@@ -1,4 +1,4 @@
-"""Training losses for the causal VAE: L1 + (1 - SSIM) reconstruction, KL, and a 3D patch
+"""Training losses for the causal VAE: L1 (+ L2) + (1 - SSIM) reconstruction, KL, and a 3D patch
 discriminator with hinge loss that switches on after a warm-up step.
 
 Everything works per frame or with time padding, so images (T = 1) and clips share one run.
@@ -30,6 +30,9 @@ from vae.model import DiagonalGaussian
 class VAELossConfig:
     l1_weight: float = 1.0
     """Weight of the mean absolute pixel error."""
+    l2_weight: float = 0.0
+    """Weight of the mean squared pixel error. L1's pull is the same for every wrong pixel, so a model
+    unsure of a small object may erase it; L2 pulls hardest on the largest errors (docs/demo.md)."""
     ssim_weight: float = 0.2
     """Weight of 1 - SSIM (per frame, 11x11 Gaussian window); 0 switches it off."""
     kl_weight: float = 1e-6
@@ -44,7 +47,7 @@ class VAELossConfig:
     """Strided layers in the discriminator; each halves H and W (frames need >= 2**disc_layers pixels)."""
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "ssim_weight", "kl_weight", "disc_weight", "disc_start_step"):
+        for name in ("l1_weight", "l2_weight", "ssim_weight", "kl_weight", "disc_weight", "disc_start_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.disc_base_dim < 8 or self.disc_base_dim % 8:
@@ -142,8 +145,12 @@ class VAELoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x, recon: (B, 3, T, H, W). Returns the weighted total and the unweighted terms (detached)."""
         cfg = self.cfg
-        terms = {"l1": (recon - x).abs().mean(), "kl": posterior.kl().mean()}
+        error = recon - x
+        terms = {"l1": error.abs().mean(), "kl": posterior.kl().mean()}
         total = cfg.l1_weight * terms["l1"] + cfg.kl_weight * terms["kl"]
+        if cfg.l2_weight > 0:
+            terms["l2"] = error.square().mean()
+            total = total + cfg.l2_weight * terms["l2"]
         if cfg.ssim_weight > 0:
             terms["ssim"] = ssim(recon, x)
             total = total + cfg.ssim_weight * (1.0 - terms["ssim"])

@@ -58,6 +58,11 @@ class VAEConfig:
     """For each downsampling level (len(dim_mult) - 1 entries), whether it also halves time."""
     dropout: float = 0.0
     """Dropout inside the residual blocks."""
+    per_frame_init: bool = False
+    """Start as a per-frame image VAE (earlier time taps zero, time resamplers keep/repeat frames), for
+    training from scratch: images then train exactly the path clips start from (docs/demo.md)."""
+    logvar_init: float = 0.0
+    """Initial bias of the posterior's log-variance; below 0 the decoder first sees a less noisy latent."""
     latents_mean: list[float] | None = None
     """Per-channel mean of raw latents over a dataset (`python -m vae.stats`); None: not measured (0)."""
     latents_std: list[float] | None = None
@@ -230,6 +235,30 @@ class CausalVAE(nn.Module):
             if isinstance(module, AttentionBlock):
                 # attention starts as the identity (its residual branch is zero), as in Wan
                 nn.init.zeros_(module.proj.weight)
+        with torch.no_grad():
+            # the moments projection's second half of outputs is the log-variance
+            self.conv1.bias[self.cfg.latent_channels :].fill_(self.cfg.logvar_init)
+            if self.cfg.per_frame_init:
+                self._init_per_frame()
+
+    @torch.no_grad()
+    def _init_per_frame(self) -> None:
+        """Zero every causal conv's earlier time taps; time resamplers pass frame 2j down and repeat frames up.
+
+        The fresh model is then an image VAE applied to frames 0, 4, 8, ... with each decoded frame
+        repeated, and an image (whose earlier taps only ever see zero padding) trains every weight it starts from.
+        """
+        for module in self.modules():
+            if isinstance(module, CausalConv3d) and module.kernel_size[0] > 1:
+                module.weight[:, :, :-1].zero_()
+        for module in self.modules():
+            if isinstance(module, (Downsample, Upsample)) and module.time_conv is not None:
+                conv = module.time_conv  # weight (C * copies, C, 3, 1, 1)
+                dim = conv.in_channels
+                identity = torch.eye(dim, dtype=conv.weight.dtype).repeat(conv.out_channels // dim, 1)
+                conv.weight.zero_()
+                conv.weight[:, :, -1, 0, 0] = identity  # Upsample: both output frames copy the input
+                conv.bias.zero_()
 
     # ---- shapes ---------------------------------------------------------------------------
 
