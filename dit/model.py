@@ -450,8 +450,10 @@ class DiT(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        cls, folder: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> DiT:
+        """Load a `save_pretrained` folder in compute `dtype`, whatever dtype the file stores (weights/demo
+        is float16 on disk): float32 by default, as CausalVAE.from_pretrained; bf16/fp16 keep the float32 islands."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -459,8 +461,7 @@ class DiT(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
-        if dtype is not None:
-            model.to_compute_dtype(dtype)
+        model.to_compute_dtype(dtype)
         return model.to(device) if device is not None else model
 
 

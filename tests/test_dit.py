@@ -157,6 +157,9 @@ def test_save_and_load_roundtrip(tmp_path):
     assert loaded.cfg == model.cfg
     with torch.no_grad():
         assert torch.equal(loaded(x, t, text, mask), model(x, t, text, mask))
+    # a file stored in float16 (as weights/demo ships) still loads as a float32 model by default
+    model.half().save_pretrained(tmp_path / "half")
+    assert {param.dtype for param in DiT.from_pretrained(tmp_path / "half").parameters()} == {torch.float32}
 
 
 def test_bf16_keeps_float32_islands_and_stays_close(tmp_path):
