@@ -248,11 +248,10 @@ class CausalVAE(nn.Module):
         The fresh model is then an image VAE applied to frames 0, 4, 8, ... with each decoded frame
         repeated, and an image (whose earlier taps only ever see zero padding) trains every weight it starts from.
         """
-        for module in self.modules():
+        for module in self.modules():  # a resampler comes before its time_conv, whose earlier taps are then zero already
             if isinstance(module, CausalConv3d) and module.kernel_size[0] > 1:
                 module.weight[:, :, :-1].zero_()
-        for module in self.modules():
-            if isinstance(module, (Downsample, Upsample)) and module.time_conv is not None:
+            elif isinstance(module, (Downsample, Upsample)) and module.time_conv is not None:
                 conv = module.time_conv  # weight (C * copies, C, 3, 1, 1)
                 dim = conv.in_channels
                 identity = torch.eye(dim, dtype=conv.weight.dtype).repeat(conv.out_channels // dim, 1)
