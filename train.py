@@ -479,16 +479,38 @@ class DataConfig:
     bucket grid is the one it was built with (cache.json), `buckets` then only sizes samples and export."""
     buckets: BucketConfig = field(default_factory=BucketConfig)
     """Resolutions, aspect ratios, frame counts and the per-batch token budget (data/buckets.py)."""
+    cache_token_budget: int | None = None
+    """DiT with `latent_cache`: latent tokens per batch instead of the budget the cache was built with (so
+    batch sizes can change without re-encoding); None keeps the cache's."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     caption_dropout: float = 0.1
     """DiT: probability of replacing a caption by the empty prompt (trains classifier-free guidance)."""
 
     def __post_init__(self) -> None:
+        if self.cache_token_budget is not None and self.cache_token_budget < 1:
+            raise ValueError(f"cache_token_budget={self.cache_token_budget}: must be >= 1 or None")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers}: must be >= 0")
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout={self.caption_dropout}: must be in [0, 1]")
+
+
+@dataclass
+class SampleDefaultsConfig:
+    """DiT: generation defaults the export writes to pipeline.json, for requests that leave them unset
+    (size and frame count come from the largest bucket)."""
+
+    steps: int = 30
+    """Sampler steps."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale; a lightly trained model usually wants less than a long run."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"sample_defaults.steps={self.steps}: must be >= 1")
+        if self.guidance_scale < 0:
+            raise ValueError(f"sample_defaults.guidance_scale={self.guidance_scale}: must be >= 0 (1 = no guidance)")
 
 
 @dataclass
@@ -515,6 +537,8 @@ class TrainConfig(LoopConfig):
     """Reconstruction, KL and discriminator weights (task 'vae')."""
     vae_stats_clips: int = 64
     """Task 'vae': clips used for the latent statistics computed at the end (stored with the export)."""
+    sample_defaults: SampleDefaultsConfig = field(default_factory=SampleDefaultsConfig)
+    """Task 'dit': sampler steps and guidance scale that the exported pipeline.json makes the default."""
     init_from: str | None = None
     """A saved model folder (a DiT or VAE folder, or an export holding dit/ or vae/) whose weights start this
     run: fine-tuning. Step, optimizer and data order start fresh; a --resume checkpoint replaces them all."""

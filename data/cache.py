@@ -240,7 +240,10 @@ def _files_digest(folder: pathlib.Path) -> str:
 class CachedLatentDataset(Dataset):
     """Samples of a finished cache, bucketed by latent shape; batch it with ``sampler()``."""
 
-    def __init__(self, folder: str | os.PathLike, config: BucketConfig | None = None) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, config: BucketConfig | None = None, *, token_budget: int | None = None
+    ) -> None:
+        """`config` replaces the stored bucket grid; `token_budget` replaces only its batch token budget."""
         from safetensors import safe_open
 
         self.folder = pathlib.Path(folder)
@@ -250,6 +253,8 @@ class CachedLatentDataset(Dataset):
                 f"{self.folder}: cache format {identity['format']}, this code reads {CACHE_FORMAT}"
             )
         self.config = config or from_dict(BucketConfig, identity["buckets"])
+        if token_budget is not None:
+            self.config = dataclasses.replace(self.config, token_budget=token_budget)
         missing = [i for i in range(identity["num_shards"]) if not shard_path(self.folder, i).exists()]
         if missing:
             raise ValueError(

@@ -233,6 +233,18 @@ class Head(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------
+def trim_padding(text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing text positions that are padding in every sample: (B, S, Dt), (B, S) -> (B, S', Dt), (B, S').
+
+    Masked keys change nothing, so this is exact; it matters because encoders pad every prompt to
+    max_length (512 for Wan's T5) while captions are tens of tokens, and cross-attention's key/value
+    projections and products would otherwise be paid for the padding in every block.
+    """
+    present = text_mask.any(dim=0).nonzero()  # (n, 1) positions some sample uses
+    length = int(present.max()) + 1 if present.numel() else 1  # all padding: keep one (masked) position
+    return text[:, :length], text_mask[:, :length]
+
+
 def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Selective checkpointing: keep the fused attention kernels' outputs, recompute everything else."""
     return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
@@ -347,6 +359,8 @@ class DiT(nn.Module):
         grid = self.validate_latent_shape(frames, height, width)
         if text.shape[1] > self.cfg.text_len:
             raise ValueError(f"text length {text.shape[1]}: must be <= text_len={self.cfg.text_len}")
+
+        text, text_mask = trim_padding(text, text_mask)  # (B, S', Dt), (B, S')
 
         tokens = self.patch_embedding(x)  # (B, D, T'', H'', W'')
         tokens = rearrange(tokens, "b d t h w -> b (t h w) d")  # (B, L, D)

@@ -46,7 +46,7 @@ class DiTTask(StreamTask):
         _check_dit_fits(cfg, text_dim=self.text_encoder.dim, max_text_len=self.text_encoder.max_length,
                         latent_channels=self.vae.cfg.latent_channels)
         if cfg.data.latent_cache:
-            dataset, collate = CachedLatentDataset(cfg.data.latent_cache), collate_latents
+            dataset, collate = CachedLatentDataset(cfg.data.latent_cache, token_budget=cfg.data.cache_token_budget), collate_latents
         else:
             dataset, collate = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed), collate_samples
         self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate, num_workers=cfg.data.num_workers)
@@ -88,11 +88,12 @@ class DiTTask(StreamTask):
     def tokens(self, batch: dict) -> int:
         from dit.diffusion import num_tokens
 
+        # num_tokens counts one sample's tokens (L); the throughput log wants the whole batch's.
         if "latents" in batch:
-            return num_tokens(batch["latents"].shape, self.cfg.dit.patch_size)
+            return batch["latents"].shape[0] * num_tokens(batch["latents"].shape, self.cfg.dit.patch_size)
         batch_size, _, frames, height, width = batch["video"].shape
         latent = (batch_size, 0, *self.vae.latent_shape(frames, height, width))
-        return num_tokens(latent, self.cfg.dit.patch_size)
+        return batch_size * num_tokens(latent, self.cfg.dit.patch_size)
 
     @torch.no_grad()
     def media(self, step: int, *, weights: dict[str, torch.Tensor], out_dir: Path, writer: Any) -> None:
@@ -152,6 +153,7 @@ def export_dit(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path) ->
         shutil.copytree(cfg.text_encoder, out / "text_encoder")
     bucket = max(cfg.data.buckets.buckets(), key=cfg.data.buckets.tokens)
     defaults = GenerationDefaults(height=bucket.height, width=bucket.width, frames=bucket.num_frames,
-                                  sampler="euler" if cfg.diffusion.process == "flow" else "ddim")
+                                  sampler="euler" if cfg.diffusion.process == "flow" else "ddim",
+                                  steps=cfg.sample_defaults.steps, guidance_scale=cfg.sample_defaults.guidance_scale)
     pipeline = PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)
     write_json_atomic(out / PIPELINE_FILE, pipeline.to_json_dict())

@@ -120,6 +120,16 @@ def test_buckets_come_back_from_latent_shapes_and_batches_pad_captions(records, 
     assert sorted(seen) == sorted(r.path for r in records[:6])
 
 
+def test_a_token_budget_override_changes_batch_sizes_not_buckets(records, tmp_path):
+    folder = build(records, tmp_path / "cache")
+    stored, halved = CachedLatentDataset(folder), CachedLatentDataset(folder, token_budget=CONFIG.token_budget // 2)
+    assert halved.buckets == stored.buckets
+    for bucket in set(stored.buckets):
+        tokens = CONFIG.tokens(bucket)
+        assert stored.sampler().batch_sizes[bucket] == CONFIG.token_budget // tokens  # no max_batch_size
+        assert halved.sampler().batch_sizes[bucket] == CONFIG.token_budget // 2 // tokens
+
+
 def test_an_interrupted_build_resumes_with_only_the_missing_shards(records, tmp_path):
     reference = build(records, tmp_path / "reference")
     out = tmp_path / "resumed"

@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 
 from dit.layers import apply_rope, patchify, rope_angles, unpatchify
-from dit.model import PRESETS, DiT, DiTConfig
+from dit.model import PRESETS, DiT, DiTConfig, trim_padding
 
 
 def make_model(seed: int = 0, **overrides) -> DiT:
@@ -135,6 +135,17 @@ def test_padding_text_tokens_do_not_change_the_output():
         torch.testing.assert_close(model(x, t, padded_text, padded_mask)[1], short.detach())
         empty = model(x, t, padded_text, torch.zeros_like(padded_mask))
     assert torch.isfinite(empty).all()
+
+
+def test_padding_every_sample_shares_is_dropped_before_the_blocks():
+    text = torch.randn(3, 8, 4)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, :2] = True
+    mask[1, [0, 4]] = True  # a hole at 1-3 that sample 1 does not use: interior positions stay
+    trimmed, trimmed_mask = trim_padding(text, mask)
+    assert torch.equal(trimmed, text[:, :5]) and torch.equal(trimmed_mask, mask[:, :5])
+    # nothing real at all (every caption dropped to an empty mask): one masked position is kept
+    assert trim_padding(text, torch.zeros_like(mask))[0].shape == (3, 1, 4)
 
 
 def test_checkpointed_blocks_give_the_same_gradients():

@@ -60,11 +60,15 @@ def test_dit_loss_falls_and_export_holds_the_ema_weights(world, tmp_path):
         # velocity has a high irreducible floor on random-VAE latents, so a short run barely moves it.
         "steps=20", "optim.lr=1e-2", "optim.warmup_steps=3", "ema.decay=0.9", "data.caption_dropout=0.1",
         "dit.text_dim=64", "dit.in_channels=4", "dit.out_channels=4", "diffusion.process=ddpm",
-        *BUCKETS, *QUIET])
+        "sample_defaults.steps=12", "sample_defaults.guidance_scale=2.5", *BUCKETS, *QUIET])
     trainer = Trainer(cfg, build_task(cfg))
     stream = trainer.task.batches(dp_rank=0, dp_size=1)
     probe = [next(stream) for _ in range(3)]
     before = fixed_loss(trainer, probe)
+    # throughput counts every sample's tokens, 1x2x2 patches over the debug VAE's latents
+    for batch in probe:
+        frames, height, width = trainer.task.vae.latent_shape(*batch["video"].shape[2:])
+        assert trainer.task.tokens(batch) == batch["video"].shape[0] * frames * (height // 2) * (width // 2)
     trainer.run()
     after = fixed_loss(trainer, probe)
     assert after < 0.7 * before, (before, after)
@@ -74,7 +78,9 @@ def test_dit_loss_falls_and_export_holds_the_ema_weights(world, tmp_path):
     assert exported.keys() == trainer.ema.weights.keys()
     for name, value in trainer.ema.weights.items():
         torch.testing.assert_close(exported[name], value)
-    assert read_pipeline_config(out).diffusion == cfg.diffusion
+    pipeline = read_pipeline_config(out)
+    assert pipeline.diffusion == cfg.diffusion
+    assert (pipeline.defaults.steps, pipeline.defaults.guidance_scale, pipeline.defaults.sampler) == (12, 2.5, "ddim")
     assert (out / "vae" / "model.safetensors").read_bytes() == (world["vae"] / "model.safetensors").read_bytes()
     DiT.from_pretrained(out / "dit")  # generate.py's loader accepts the folder
 
