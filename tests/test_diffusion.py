@@ -331,3 +331,15 @@ def test_training_loss_on_cuda_with_a_cpu_generator_and_mask(process):
     ]  # fmt: skip
     assert losses[0].device.type == "cuda" and torch.isfinite(losses[0])
     assert torch.equal(losses[0], losses[1])
+
+
+def test_fixed_sigma_flow_loss_is_zero_for_the_exact_velocity_and_noise_power_for_zero():
+    from bench.dit_loss import flow_loss_by_sigma
+
+    latents = torch.zeros(3, 2, 2, 4, 4)  # x0 = 0: x_t = sigma * noise, so the velocity is x_t / sigma
+    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    exact = flow_loss_by_sigma(lambda x, t, *_: x / (t / 1000).view(-1, 1, 1, 1, 1), latents, text, mask, batch=2)
+    zero = flow_loss_by_sigma(lambda x, *_: torch.zeros_like(x), latents, text, mask, sigmas=(0.5,), seed=1)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    assert max(exact.values()) < 1e-10
+    assert zero[0.5] == pytest.approx(float(noise.square().mean()), rel=1e-5)

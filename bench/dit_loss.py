@@ -1,0 +1,70 @@
+"""How well does a trained DiT denoise? Its flow-matching loss at fixed noise levels on cached clips.
+
+The training log's loss mixes noise levels drawn at random; this draws one noise tensor per clip
+(fixed seed) and evaluates the model at each noise level sigma on the same clips, so two runs on the
+same cache compare number for number. Used to choose the demo recipe's DiT settings (docs/demo.md).
+
+    python -m bench.dit_loss MODEL_FOLDER --cache outputs/demo/cache [--clips 200]
+
+MODEL_FOLDER is an export (holding dit/) or a DiT folder. Flow-matching models only: the loss is
+the mean square error of the predicted velocity (noise - x0) per latent element.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.97)
+
+
+@torch.no_grad()
+def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
+                       sigmas=SIGMAS, seed: int = 0, batch: int = 50) -> dict[float, float]:
+    """Latents (N, C, T', H', W'), text (N, S, Dt), mask (N, S) -> {sigma: mean velocity MSE}."""
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    target = noise - latents  # the flow-matching velocity
+    losses = {}
+    for sigma in sigmas:
+        x_t = (1 - sigma) * latents + sigma * noise
+        t = torch.full((latents.shape[0],), sigma * 1000.0)
+        total = 0.0
+        for start in range(0, latents.shape[0], batch):
+            part = slice(start, start + batch)
+            pred = model(x_t[part], t[part], text[part], text_mask[part])
+            total += float((pred - target[part]).square().mean(dim=(1, 2, 3, 4)).sum())
+        losses[sigma] = total / latents.shape[0]
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    from data.cache import CachedLatentDataset, collate_latents
+    from dit.model import DiT
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="an export folder (with dit/) or a DiT folder")
+    parser.add_argument("--cache", type=Path, required=True, help="a `python -m data.cache` folder")
+    parser.add_argument("--clips", type=int, default=200, help="first N multi-frame samples of the cache")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    args = parser.parse_args(argv)
+
+    folder = args.model / "dit" if (args.model / "dit").is_dir() else args.model
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"{args.model}: no DiT config.json here or in dit/; pass an export or a DiT folder")
+    model = DiT.from_pretrained(folder).eval()
+    dataset = CachedLatentDataset(args.cache)
+    clips = [i for i in range(len(dataset)) if dataset.buckets[i] is not None and dataset[i]["latents"].shape[1] > 1]
+    if not clips:
+        raise SystemExit(f"{args.cache}: no multi-frame samples in this cache")
+    batch = collate_latents([dataset[i] for i in clips[: args.clips]])
+    losses = flow_loss_by_sigma(model, batch["latents"].float(), batch["text_hidden"].float(), batch["text_mask"],
+                                seed=args.seed)
+    print(json.dumps({"clips": len(batch["latents"]), "loss_by_sigma": {str(k): round(v, 4) for k, v in losses.items()},
+                      "mean": round(sum(losses.values()) / len(losses), 4)}))
+
+
+if __name__ == "__main__":
+    main()
