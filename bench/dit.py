@@ -149,7 +149,8 @@ def run_size(model, is_ours: bool, inputs, device: torch.device, iters: int, com
     """Time one model at one size, walking the checkpointing `ladder` (None = off) on CUDA out-of-memory."""
     for policy in ladder:
         set_checkpointing(model, is_ours, policy)
-        runner = torch.compile(model) if compile_model else model
+        # One graph per size: with dynamic shapes inductor reused a stride from the previous size and failed.
+        runner = torch.compile(model, dynamic=False) if compile_model else model
         try:
             seconds, mib = measure(make_forward(runner, is_ours, inputs), model, device, iters)
             return seconds, mib, policy
