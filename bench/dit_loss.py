@@ -25,12 +25,15 @@ SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.97)
 def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
                        sigmas=SIGMAS, seed: int = 0, batch: int = 50) -> dict[float, float]:
     """Latents (N, C, T', H', W'), text (N, S, Dt), mask (N, S) -> {sigma: mean velocity MSE}."""
+    from dit.diffusion import FlowMatching
+
+    process = FlowMatching()  # noising and target only: the shift plays no part at a given sigma
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-    target = noise - latents  # the flow-matching velocity
     losses = {}
     for sigma in sigmas:
-        x_t = (1 - sigma) * latents + sigma * noise
-        t = torch.full((latents.shape[0],), sigma * 1000.0)
+        t = torch.full((latents.shape[0],), sigma * process.num_timesteps)
+        x_t = process.add_noise(latents, noise, t)
+        target = process.training_target(latents, noise, t)
         total = 0.0
         for start in range(0, latents.shape[0], batch):
             part = slice(start, start + batch)
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.model}: no DiT config.json here or in dit/; pass an export or a DiT folder")
     model = DiT.from_pretrained(folder).eval()
     dataset = CachedLatentDataset(args.cache)
-    clips = [i for i in range(len(dataset)) if dataset.buckets[i] is not None and dataset[i]["latents"].shape[1] > 1]
+    # The bucket tells a clip from a still without reading the sample from its shard.
+    clips = [i for i, bucket in enumerate(dataset.buckets) if bucket is not None and bucket.num_frames > 1]
     if not clips:
         raise SystemExit(f"{args.cache}: no multi-frame samples in this cache")
     batch = collate_latents([dataset[i] for i in clips[: args.clips]])

@@ -233,16 +233,18 @@ class Head(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------
-def trim_padding(text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the trailing text positions that are padding in every sample: (B, S, Dt), (B, S) -> (B, S', Dt), (B, S').
+def trim_padding(text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop the trailing text positions that are padding in every sample: (B, S, Dt), (B, S) -> (B, S', Dt) and
+    the mask (B, S'), or None when no position left is padding (so attention takes the unmasked kernels).
 
     Masked keys change nothing, so this is exact; it matters because encoders pad every prompt to
     max_length (512 for Wan's T5) while captions are tens of tokens, and cross-attention's key/value
     projections and products would otherwise be paid for the padding in every block.
     """
-    present = text_mask.any(dim=0).nonzero()  # (n, 1) positions some sample uses
-    length = int(present.max()) + 1 if present.numel() else 1  # all padding: keep one (masked) position
-    return text[:, :length], text_mask[:, :length]
+    used, full = torch.stack([text_mask.any(dim=0), text_mask.all(dim=0)]).cpu()  # (S,) each: one device sync
+    positions = used.nonzero()  # (n, 1) positions some sample uses
+    length = int(positions.max()) + 1 if positions.numel() else 1  # all padding: keep one (masked) position
+    return text[:, :length], None if bool(full[:length].all()) else text_mask[:, :length]
 
 
 def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -360,7 +362,7 @@ class DiT(nn.Module):
         if text.shape[1] > self.cfg.text_len:
             raise ValueError(f"text length {text.shape[1]}: must be <= text_len={self.cfg.text_len}")
 
-        text, text_mask = trim_padding(text, text_mask)  # (B, S', Dt), (B, S')
+        text, context_mask = trim_padding(text, text_mask)  # (B, S', Dt), (B, S') or None
 
         tokens = self.patch_embedding(x)  # (B, D, T'', H'', W'')
         tokens = rearrange(tokens, "b d t h w -> b (t h w) d")  # (B, L, D)
@@ -382,8 +384,7 @@ class DiT(nn.Module):
             time_emb=time_emb,
             time_mod=time_mod,
             context=context,
-            # A mask with no padding is dropped, so cross-attention can take the unmasked fast kernels.
-            context_mask=None if bool(text_mask.all()) else text_mask,
+            context_mask=context_mask,
             rope=(angles.cos(), angles.sin()),  # (L, Dh/2) each
             grid=grid,
         )

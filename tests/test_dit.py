@@ -146,6 +146,12 @@ def test_padding_every_sample_shares_is_dropped_before_the_blocks():
     assert torch.equal(trimmed, text[:, :5]) and torch.equal(trimmed_mask, mask[:, :5])
     # nothing real at all (every caption dropped to an empty mask): one masked position is kept
     assert trim_padding(text, torch.zeros_like(mask))[0].shape == (3, 1, 4)
+    # padding only at the end of every caption: nothing left to mask, so no mask
+    mask[:, :3] = True
+    assert trim_padding(text, mask)[1] is not None
+    mask[:, 3:] = False
+    trimmed, trimmed_mask = trim_padding(text, mask)
+    assert trimmed.shape == (3, 3, 4) and trimmed_mask is None
 
 
 def test_checkpointed_blocks_give_the_same_gradients():
