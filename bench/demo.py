@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="--full: which prompts and scenes are drawn")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--sampler", choices=("euler", "heun"), default=None,
+                        help="flow sampler (default: the model's); heun calls the model twice per step")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default outputs/demo/gallery, or outputs/demo/eval with --full)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = args.out or ROOT / "outputs" / "demo" / ("eval" if args.full else "gallery")
     items = draw_items(args.per_group, seed=args.seed) if args.full else read_gallery(args.gallery)
     for item in items:
-        for name, value in (("steps", args.steps), ("guidance_scale", args.guidance_scale)):
+        for name, value in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
+                            ("sampler", args.sampler)):
             if value is not None:
                 item.request.setdefault(name, value)
     pipe = Pipeline.from_pretrained(args.model)

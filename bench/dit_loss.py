@@ -6,8 +6,9 @@ same cache compare number for number. Used to choose the demo recipe's DiT setti
 
     python -m bench.dit_loss MODEL_FOLDER --cache outputs/demo/cache [--clips 200]
 
-MODEL_FOLDER is an export (holding dit/) or a DiT folder. Flow-matching models only: the loss is
-the mean square error of the predicted velocity (noise - x0) per latent element.
+MODEL_FOLDER is an export (holding dit/ and pipeline.json) or a DiT folder. Flow-matching models only:
+the loss is the mean square error of the predicted velocity (noise - x0) per latent element; an x0-
+predicting model (pipeline.json's flow_prediction) has its output converted to a velocity first.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.97)
 
 @torch.no_grad()
 def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
-                       sigmas=SIGMAS, seed: int = 0, batch: int = 50) -> dict[float, float]:
-    """Latents (N, C, T', H', W'), text (N, S, Dt), mask (N, S) -> {sigma: mean velocity MSE}."""
+                       sigmas=SIGMAS, seed: int = 0, batch: int = 50,
+                       prediction: str = "velocity") -> dict[float, float]:
+    """Latents (N, C, T', H', W'), text (N, S, Dt), mask (N, S) -> {sigma: mean velocity MSE}; `prediction`
+    is what the model outputs ("velocity" or "x0")."""
     from dit.diffusion import FlowMatching
 
-    process = FlowMatching()  # noising and target only: the shift plays no part at a given sigma
+    # Noising, target and output conversion only: the shift plays no part at a given sigma.
+    process = FlowMatching(prediction=prediction)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     losses = {}
     for sigma in sigmas:
@@ -37,7 +41,7 @@ def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_ma
         total = 0.0
         for start in range(0, latents.shape[0], batch):
             part = slice(start, start + batch)
-            pred = model(x_t[part], t[part], text[part], text_mask[part])
+            pred = process.velocity(model(x_t[part], t[part], text[part], text_mask[part]), x_t[part], t[part])
             total += float((pred - target[part]).square().mean(dim=(1, 2, 3, 4)).sum())
         losses[sigma] = total / latents.shape[0]
     return losses
@@ -58,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (folder / "config.json").exists():
         raise SystemExit(f"{args.model}: no DiT config.json here or in dit/; pass an export or a DiT folder")
     model = DiT.from_pretrained(folder).eval()
+    pipeline_json = args.model / "pipeline.json"  # a bare DiT folder has none: a velocity model, as before
+    prediction = json.loads(pipeline_json.read_text()).get("flow_prediction", "velocity") if pipeline_json.is_file() \
+        else "velocity"
     dataset = CachedLatentDataset(args.cache)
     # The bucket tells a clip from a still without reading the sample from its shard.
     clips = [i for i, bucket in enumerate(dataset.buckets) if bucket is not None and bucket.num_frames > 1]
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.cache}: no multi-frame samples in this cache")
     batch = collate_latents([dataset[i] for i in clips[: args.clips]])
     losses = flow_loss_by_sigma(model, batch["latents"].float(), batch["text_hidden"].float(), batch["text_mask"],
-                                seed=args.seed)
+                                seed=args.seed, prediction=prediction)
     print(json.dumps({"clips": len(batch["latents"]), "loss_by_sigma": {str(k): round(v, 4) for k, v in losses.items()},
                       "mean": round(sum(losses.values()) / len(losses), 4)}))
 

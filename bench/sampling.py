@@ -77,7 +77,8 @@ def analytic_model(mixture: GaussianMixture, process: Process):
         else:
             sigma = process.sigma(t.double())[:, None]  # (N, 1)
             x0 = mixture.posterior_mean(flat, 1 - sigma, sigma)
-            pred = (flat - (1 - sigma) * x0) / sigma - x0  # v = eps - x0, eps = (x - (1 - sigma) x0) / sigma
+            # v = eps - x0 with eps = (x - (1 - sigma) x0) / sigma; an x0 model outputs x0 itself.
+            pred = x0 if process.prediction == "x0" else (flat - (1 - sigma) * x0) / sigma - x0
         return pred.to(x.dtype).view_as(x)
 
     return model

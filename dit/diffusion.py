@@ -7,6 +7,9 @@ sample (B,) or per position (B, T', H', W') and broadcasts it over the channels.
   DDPM:  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   abar_t = prod_{s <= t} (1 - beta_s)
   flow:  x_s = (1 - sigma) x0 + sigma eps,                velocity target v = eps - x0
 
+A flow model may also output x0 itself (`FlowMatching(prediction="x0")`); `FlowMatching.velocity` turns
+that into v = (x_s - x0) / sigma, so the loss and every sampler still work on velocities.
+
 Schedules and all DDPM coefficients are computed in float64 and applied in float32; the training loss is
 computed in float32 whatever the model's dtype.
 """
@@ -29,6 +32,10 @@ Model = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 SCHEDULES = ("linear", "cosine", "cos2")
 PREDICTIONS = ("eps", "v", "x0")
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+FLOW_PREDICTIONS = ("velocity", "x0")
+# x0 prediction divides by sigma to get a velocity; below this sigma the division uses this floor, so the
+# weight of an x0 error in the velocity loss (1 / sigma^2) stays <= 400 (Li & He 2025, "JiT", clip 0.05).
+X0_MIN_SIGMA = 0.05
 MAX_BETA = 0.999  # clip of the alphabar-derived schedules (Nichol & Dhariwal): keeps abar_T > 0
 
 
@@ -219,6 +226,11 @@ class FlowMatching:
         log s = min_log_shift + (max_log_shift - min_log_shift) * clamp((L - min_tokens) / (max_tokens - min_tokens), 0, 1)
     i.e. log s linear in L between two anchors (SD3/Flux use (256, 0.5) and (4096, 1.15)), held constant
     outside them so that very long videos do not get an unbounded shift.
+
+    `prediction` is what the network outputs: "velocity" (eps - x0, the usual choice) or "x0" (the clean
+    latents). An x0 network models only the data, which matters when a token carries many values compared
+    with the model's width (large patches, small models: Li & He 2025); `velocity` converts its output, so
+    training (the loss is on the velocity: x0 error weighted by 1 / sigma^2) and sampling stay the same.
     """
 
     shift: float = 1.0
@@ -231,8 +243,7 @@ class FlowMatching:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     num_timesteps: int = 1000
-
-    prediction = "velocity"  # a class constant, not a field: flow matching always predicts eps - x0
+    prediction: str = "velocity"
 
     def __post_init__(self) -> None:
         if self.shift <= 0:
@@ -247,6 +258,8 @@ class FlowMatching:
             raise ValueError(f"logit_std={self.logit_std}: must be > 0")
         if self.num_timesteps < 1:
             raise ValueError(f"num_timesteps={self.num_timesteps}: must be >= 1")
+        if self.prediction not in FLOW_PREDICTIONS:
+            raise ValueError(f"flow prediction={self.prediction!r}: must be one of {FLOW_PREDICTIONS}")
 
     def shift_for(self, tokens: int) -> float:
         """The timestep shift for latents of `tokens` tokens (fixed unless dynamic_shift)."""
@@ -264,6 +277,14 @@ class FlowMatching:
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise - x0
+
+    def velocity(self, pred: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """The velocity that a network output `pred` at (x, t) stands for: `pred` itself, or for x0
+        prediction (x - x0) / sigma with sigma floored at X0_MIN_SIGMA (x = x0 + sigma v)."""
+        if self.prediction == "velocity":
+            return pred
+        sigma = broadcast_to(self.sigma(t), x).clamp(min=X0_MIN_SIGMA)
+        return (x - pred) / sigma
 
     def to_x0_eps(self, velocity: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """x = x0 + sigma v, so x0 = x - sigma v and eps = x0 + v."""
@@ -319,7 +340,10 @@ class DiffusionConfig:
     schedule: str = "linear"
     """DDPM beta schedule: 'linear', 'cosine' or 'cos2'."""
     prediction: str = "eps"
-    """DDPM model output: 'eps', 'v' or 'x0' (flow always predicts the velocity)."""
+    """DDPM model output: 'eps', 'v' or 'x0' (flow: see flow_prediction)."""
+    flow_prediction: str = "velocity"
+    """Flow model output: 'velocity' (eps - x0) or 'x0' (the clean latents; loss and samplers convert it
+    to a velocity, see FlowMatching)."""
     shift: float = 1.0
     """Flow timestep shift s in sigma' = s sigma / (1 + (s - 1) sigma), used when dynamic_shift is off."""
     dynamic_shift: bool = False
@@ -354,8 +378,10 @@ class DiffusionConfig:
 def build_process(cfg: DiffusionConfig) -> Process:
     if cfg.process == "ddpm":
         return DDPM(schedule=cfg.schedule, prediction=cfg.prediction, num_timesteps=cfg.num_timesteps)
-    # The config's flow fields carry the process's own names, so they pass through by name.
-    return FlowMatching(**{f.name: getattr(cfg, f.name) for f in fields(FlowMatching)})
+    # The config's flow fields carry the process's own names, so they pass through by name; only the
+    # prediction has its own name here, since `prediction` is the DDPM one.
+    names = [f.name for f in fields(FlowMatching) if f.name != "prediction"]
+    return FlowMatching(**{name: getattr(cfg, name) for name in names}, prediction=cfg.flow_prediction)
 
 
 PRESETS: dict[str, DiffusionConfig] = {
@@ -407,6 +433,8 @@ def training_loss(
         cond_mask = cond_mask.to(x0.device)  # mask samplers build it on the CPU
         x_t = torch.where(position_mask(cond_mask), x0, x_t)
     pred = model(x_t, model_timesteps(t, cond_mask, patch_size), text, text_mask)
+    if isinstance(process, FlowMatching):
+        pred = process.velocity(pred.float(), x_t, t)  # the loss compares velocities whatever the output
     per_sample = masked_mse(pred, target, cond_mask)  # (B,)
     cond_fraction = cond_mask.float().mean() if cond_mask is not None else torch.zeros((), device=x0.device)
     logs = {"loss": per_sample.mean().detach(), "timestep_mean": t.mean(), "cond_fraction": cond_fraction}

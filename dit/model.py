@@ -14,6 +14,13 @@ weights load through `dit/convert.py` with no renaming beyond the diffusers map:
     blocks.N.ffn.{0,2}                  Linear -> GELU(tanh) -> Linear
     head.head, head.modulation          adaLN output head
 
+One optional addition, off for Wan's shapes: `pooled_text` adds a masked mean of the embedded text,
+through `text_pool.{0,2}` (Linear -> SiLU -> Linear), to the timestep embedding, so every block's adaLN
+modulation and the head see the prompt as well as the cross-attention does. Global attributes (what,
+which colour, which way) reach every token without first learning to attend (SD3 and Flux condition the
+modulation on a pooled text vector for the same reason; the DiT paper found adaLN conditioning faster to
+train than cross-attention).
+
 Differences from Wan, all in `init_weights`: the adaLN path starts at zero (time_projection's Linear,
 every block's `modulation`, cross-attention's output projection and the head), so a fresh block is the
 identity and a fresh model predicts zero; Wan's released weights overwrite all of it.
@@ -95,6 +102,9 @@ class DiTConfig:
     """RoPE base frequency (Wan: 10000)."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
+    pooled_text: bool = False
+    """Add the masked mean of the embedded text (through a small MLP) to the timestep embedding, so the
+    adaLN modulation sees the prompt (module docstring). Wan has no such path: False for its weights."""
     checkpoint_policy: str = "full"
     """With gradient_checkpointing: "full" keeps only block inputs (least memory); "attention" also keeps
     the attention kernels' outputs and recomputes the rest (faster when attention dominates: long videos)."""
@@ -293,6 +303,7 @@ class DiT(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.text_pool = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d)) if cfg.pooled_text else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.init_weights()
@@ -312,6 +323,9 @@ class DiT(nn.Module):
         # identity at step 0, and the head predicts 0; gradients still reach all of these parameters.
         nn.init.zeros_(self.time_projection[1].weight)
         nn.init.zeros_(self.time_projection[1].bias)
+        if self.text_pool is not None:  # starts as no change to the timestep embedding
+            nn.init.zeros_(self.text_pool[2].weight)
+            nn.init.zeros_(self.text_pool[2].bias)
         for block in self.blocks:
             nn.init.zeros_(block.modulation)
             nn.init.zeros_(block.cross_attn.o.weight)
@@ -374,9 +388,11 @@ class DiT(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             freq = timestep_embedding(groups.flatten(), self.cfg.freq_dim)  # (B*G, F)
             time_emb = linear_fp32(self.time_embedding[2], F.silu(linear_fp32(self.time_embedding[0], freq)))
-            time_mod = linear_fp32(self.time_projection[1], F.silu(time_emb))  # (B*G, 6D)
-        time_emb = rearrange(time_emb, "(b g) d -> b g d", b=batch)  # (B, G, D)
-        time_mod = rearrange(time_mod, "(b g) (six d) -> b g six d", b=batch, six=6)  # (B, G, 6, D)
+            time_emb = rearrange(time_emb, "(b g) d -> b g d", b=batch)  # (B, G, D)
+            if self.text_pool is not None:
+                time_emb = time_emb + self.pool_text(context, context_mask)[:, None]  # (B, G, D)
+            time_mod = linear_fp32(self.time_projection[1], F.silu(time_emb))  # (B, G, 6D)
+        time_mod = rearrange(time_mod, "b g (six d) -> b g six d", six=6)  # (B, G, 6, D)
         assert time_emb.dtype == time_mod.dtype == torch.float32
 
         return DiTState(
@@ -388,6 +404,16 @@ class DiT(nn.Module):
             rope=(angles.cos(), angles.sin()),  # (L, Dh/2) each
             grid=grid,
         )
+
+    def pool_text(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """Embedded text (B, S, D) and its mask (None = no padding) -> the pooled vector (B, D), float32."""
+        context = context.float()
+        if context_mask is None:
+            pooled = context.mean(dim=1)  # (B, D)
+        else:
+            weights = context_mask.float()[:, :, None]  # (B, S, 1)
+            pooled = (context * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, D)
+        return linear_fp32(self.text_pool[2], F.silu(linear_fp32(self.text_pool[0], pooled)))  # (B, D)
 
     def run_blocks(self, state: DiTState) -> torch.Tensor:
         """The transformer blocks on `state.tokens` (B, L, D), checkpointed when the config asks -> (B, L, D)."""
@@ -449,7 +475,7 @@ class DiT(nn.Module):
         """Cast to `dtype` but keep the float32 islands (time MLP, time projection, modulation) in float32."""
         self.to(dtype)
         for name, param in self.named_parameters():
-            if name.startswith(("time_embedding", "time_projection")) or name.endswith("modulation"):
+            if name.startswith(("time_embedding", "time_projection", "text_pool")) or name.endswith("modulation"):
                 param.data = param.data.float()
         return self
 

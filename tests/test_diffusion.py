@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from dit.conditioning import image_to_video
 from dit.diffusion import (
     DDPM,
+    X0_MIN_SIGMA,
     DiffusionConfig,
     FlowMatching,
     build_process,
@@ -222,6 +223,8 @@ def _oracle(process, x0):
             t = t[:, None, :, None, None]
         else:
             t = t.reshape(-1, 1, 1, 1, 1)
+        if isinstance(process, FlowMatching) and process.prediction == "x0":
+            return x0.expand_as(x)
         if isinstance(process, FlowMatching):
             sigma = t / 1000
             return (x - x0) / sigma.clamp(min=1e-6)  # x = x0 + sigma (eps - x0)
@@ -234,8 +237,9 @@ def _oracle(process, x0):
     return model
 
 
-@pytest.mark.parametrize("process", [DDPM(prediction="eps"), DDPM(prediction="v", schedule="cosine"), FlowMatching()],
-                         ids=["ddpm-eps", "ddpm-v", "flow"])  # fmt: skip
+@pytest.mark.parametrize("process", [DDPM(prediction="eps"), DDPM(prediction="v", schedule="cosine"), FlowMatching(),
+                                     FlowMatching(prediction="x0")],
+                         ids=["ddpm-eps", "ddpm-v", "flow", "flow-x0"])  # fmt: skip
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_training_loss_is_zero_for_the_exact_model(process, conditioned):
     generator = torch.Generator().manual_seed(0)
@@ -301,11 +305,26 @@ def test_config_presets_build_and_load_through_omegaconf():
         ({"process": "ddpm", "num_timesteps": 10}, "num_timesteps=10"),
         ({"shift": 0.0}, "shift=0.0"),
         ({"sigma_sampling": "beta"}, "sigma_sampling='beta'"),
+        ({"flow_prediction": "eps"}, "prediction='eps'"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         DiffusionConfig(**overrides)
+
+
+def test_x0_prediction_weighs_x0_errors_by_inverse_sigma_squared():
+    """The loss compares velocities: an x0 error e at noise sigma is a velocity error e / sigma, with sigma
+    floored at X0_MIN_SIGMA; the config's flow_prediction reaches the process."""
+    process = build_process(DiffusionConfig(flow_prediction="x0", sigma_sampling="uniform"))
+    assert process.prediction == "x0"
+    x0, x = torch.randn(3, 2, 1, 2, 2), torch.randn(3, 2, 1, 2, 2)
+    t = torch.tensor([500.0, 100.0, 10.0])  # sigma 0.5, 0.1, 0.01 (floored to 0.05)
+    error = process.velocity(x0 + 0.1, x, t) - process.velocity(x0, x, t)
+    for index, sigma in enumerate([0.5, 0.1, X0_MIN_SIGMA]):
+        torch.testing.assert_close(error[index], torch.full_like(error[index], -0.1 / sigma))
+    exact = process.velocity(x0[:2], process.add_noise(x0[:2], x[:2], t[:2]), t[:2])  # sigma above the floor
+    torch.testing.assert_close(exact, process.training_target(x0[:2], x[:2], t[:2]))
 
 
 def test_unknown_preset_lists_the_valid_ones():

@@ -115,6 +115,25 @@ def test_timestep_forms_agree():
     assert not torch.allclose(distinct_frame, per_sample, atol=1e-3)
 
 
+def test_pooled_text_reaches_the_modulation_without_cross_attention():
+    """With cross-attention silenced, text still changes the output through the pooled path, and only
+    there; a fresh pooled path changes nothing (zero-init), so a fresh model still predicts zero."""
+    outputs = {}
+    for pooled_text in (False, True):
+        model = make_model(pooled_text=pooled_text)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.cross_attn.o.weight.zero_()
+                block.cross_attn.o.bias.zero_()
+            x, t, text, mask = make_inputs(model.cfg)
+            outputs[pooled_text] = (model(x, t, text, mask), model(x, t, text.flip(0), mask))
+    assert torch.equal(*outputs[False])
+    assert not torch.allclose(*outputs[True], atol=1e-3)
+    torch.manual_seed(0)
+    fresh = DiT(DiTConfig.from_preset("debug", pooled_text=True))
+    assert torch.count_nonzero(fresh(*make_inputs(fresh.cfg))) == 0
+
+
 def test_bad_timestep_shape_is_a_clear_error():
     model = make_model()
     x, _, text, mask = make_inputs(model.cfg)
@@ -122,8 +141,9 @@ def test_bad_timestep_shape_is_a_clear_error():
         model(x, torch.zeros(2, 7), text, mask)
 
 
-def test_padding_text_tokens_do_not_change_the_output():
-    model = make_model()
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_padding_text_tokens_do_not_change_the_output(pooled_text):
+    model = make_model(pooled_text=pooled_text)
     x, t, text, mask = make_inputs(model.cfg, text_len=5)
     padded_text = torch.cat([text, torch.randn(2, 4, model.cfg.text_dim)], dim=1)
     padded_mask = torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)], dim=1)

@@ -165,8 +165,9 @@ def _mixture_samples(process, sampler, steps, count=8000, **options):
         ),
         (DDPM(), "ddim", 100, {"spacing": "trailing"}),
         (FlowMatching(), "heun", 25, {}),
+        (FlowMatching(prediction="x0"), "heun", 25, {}),
     ],
-    ids=["ddpm-eps", "ddpm-v-large-variance", "ddim", "heun"],
+    ids=["ddpm-eps", "ddpm-v-large-variance", "ddim", "heun", "heun-x0"],
 )
 def test_sampler_recovers_mixture_moments(process, sampler, steps, options):
     x = _mixture_samples(process, sampler, steps, **options)
@@ -182,11 +183,13 @@ def test_sampler_recovers_mixture_moments(process, sampler, steps, options):
 
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 @pytest.mark.parametrize("shift", [1.0, 4.0])
-def test_flow_sampler_is_exact_on_a_straight_path(sampler, shift):
-    """Point data: the exact velocity is constant along each path, so every step lands on the line."""
+@pytest.mark.parametrize("prediction", ["velocity", "x0"])
+def test_flow_sampler_is_exact_on_a_straight_path(sampler, shift, prediction):
+    """Point data: the exact velocity is constant along each path, so every step lands on the line; an exact
+    x0 model converted to velocities walks the same path."""
     point = GaussianMixture(torch.ones(1, dtype=torch.float64), torch.tensor([[0.7, -1.2]], dtype=torch.float64),
                             torch.zeros(1, dtype=torch.float64))  # fmt: skip
-    process = FlowMatching(shift=shift)
+    process = FlowMatching(shift=shift, prediction=prediction)
     noise = torch.randn(64, 2, 1, 1, 1, generator=torch.Generator().manual_seed(0))
     target = point.means[0].float().reshape(1, 2, 1, 1, 1)
     states = []
@@ -291,6 +294,23 @@ def test_cfg_combines_cond_and_uncond_from_one_batched_call():
     cond = _toy_model(noise, t, text, text_mask)
     uncond = _toy_model(noise, t, neg_text, neg_mask)
     torch.testing.assert_close(noise - out, uncond + scale * (cond - uncond))
+
+
+def test_cfg_of_an_x0_model_guides_the_velocities():
+    """Guidance combines velocities: an x0 model's cond and uncond outputs are converted before they mix
+    (for plain CFG the order would not matter; for guidance rescale, which compares stds, it does)."""
+    text, text_mask = _text(length=5)
+    neg_text, neg_mask = _text(length=2, seed=1)
+    noise, process, scale = _noise(), FlowMatching(prediction="x0"), 6.0
+    options = dict(process=process, sampler="euler", steps=1, text=text, text_mask=text_mask, neg_text=neg_text,
+                   neg_mask=neg_mask, guidance_scale=scale, progress=False)
+    t = torch.full((B,), 1000.0)
+    cond, uncond = noise - _toy_model(noise, t, text, text_mask), noise - _toy_model(noise, t, neg_text, neg_mask)
+    torch.testing.assert_close(noise - sample(_toy_model, noise, **options), uncond + scale * (cond - uncond))
+    rescaled = sample(_toy_model, noise, guidance_rescale=1.0, **options)
+    guided = uncond + scale * (cond - uncond)
+    expected = guided * (cond.flatten(1).std(1) / guided.flatten(1).std(1)).reshape(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(noise - rescaled, expected)
 
 
 def test_guidance_rescale_restores_the_conditional_std():
