@@ -7,7 +7,11 @@ Speed and peak memory of encode and decode at several clip lengths:
 
 Reconstruction quality of a trained VAE (PSNR and SSIM over clips of a manifest):
 
-    python -m bench.vae --weights DIR --manifest CSV [--num-clips 32 --frames 17 --size 64]
+    python -m bench.vae --weights DIR --manifest CSV [--num-clips 32 --frames 17 --size 64] [--evaluate]
+
+With --evaluate (synthetic-world clips), each clip and its reconstruction are also read by
+data.evaluate: the share of clips whose reconstruction reads as the clip does, per attribute, is the
+ceiling a DiT on this VAE's latents can reach on the demo's accuracy table.
 
 Method. Every (implementation, operation, length) runs in a fresh subprocess, so one measurement's
 freed memory cannot hide the next one's. After a warm-up on a 5-frame clip, the call is timed with
@@ -210,7 +214,7 @@ def quality_table(args: argparse.Namespace) -> str:
     clips = manifest_clips(
         args.manifest, num_clips=args.num_clips, frames=args.frames[0], size=args.size, seed=0
     )
-    psnrs, ssims = [], []
+    psnrs, ssims, readings = [], [], []
     with torch.inference_mode():
         for clip in clips:
             clip = clip.to(args.device)  # (1, 3, T, H, W)
@@ -218,16 +222,39 @@ def quality_table(args: argparse.Namespace) -> str:
             mse = (recon - clip).square().mean().item()
             psnrs.append(10 * math.log10(4.0 / max(mse, 1e-12)))  # peak-to-peak range 2 for [-1, 1]
             ssims.append(ssim(recon, clip).item())
-    return "\n".join(
-        [
-            f"Weights `{args.weights}`, {len(psnrs)} clips of {args.frames[0]} frames at {args.size}x{args.size} "
-            f"from `{args.manifest}`.",
-            "",
-            "| PSNR (dB) | SSIM |",
-            "| ---: | ---: |",
-            f"| {sum(psnrs) / len(psnrs):.2f} | {sum(ssims) / len(ssims):.4f} |",
-        ]
-    )
+            if args.evaluate:
+                from data.evaluate import describe
+
+                readings.append((describe(clip[0]), describe(recon[0])))
+    lines = [
+        f"Weights `{args.weights}`, {len(psnrs)} clips of {args.frames[0]} frames at {args.size}x{args.size} "
+        f"from `{args.manifest}`.",
+        "",
+        "| PSNR (dB) | SSIM |",
+        "| ---: | ---: |",
+        f"| {sum(psnrs) / len(psnrs):.2f} | {sum(ssims) / len(ssims):.4f} |",
+    ]
+    return "\n".join(lines + (_evaluator_agreement(readings) if readings else []))
+
+
+def _evaluator_agreement(readings: list[tuple[dict, dict]]) -> list[str]:
+    """Per attribute, the share of clips whose reconstruction reads as the clip does (clips that read as
+    unknown, and motion of stills, are not counted), and what the misread shapes read as."""
+    from data.evaluate import ATTRIBUTES, UNKNOWN
+
+    cells, confusions = [], {}
+    for attribute in (*ATTRIBUTES, "background"):
+        pairs = [(clip[attribute], recon[attribute]) for clip, recon in readings
+                 if clip[attribute] not in (None, UNKNOWN)]
+        cells.append(f"{100 * sum(a == b for a, b in pairs) / len(pairs):.1f}% of {len(pairs)}" if pairs else "-")
+    for clip, recon in readings:
+        if clip["shape"] not in (None, UNKNOWN) and recon["shape"] != clip["shape"]:
+            key = f"{clip['shape']} -> {recon['shape']}"
+            confusions[key] = confusions.get(key, 0) + 1
+    return ["", "The reconstruction reads as the clip does (data.evaluate):", "",
+            "| " + " | ".join((*ATTRIBUTES, "background")) + " |", "|" + " ---: |" * (len(ATTRIBUTES) + 1),
+            "| " + " | ".join(cells) + " |", "",
+            "Misread shapes: " + (", ".join(f"{key} ({count})" for key, count in sorted(confusions.items())) or "none")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--manifest", type=Path, help="clips for --weights")
     parser.add_argument("--num-clips", type=int, default=32)
+    parser.add_argument("--evaluate", action="store_true",
+                        help="with --weights: also compare what data.evaluate reads from each clip and its "
+                             "reconstruction (synthetic-world clips)")
     parser.add_argument("--out", type=Path, default=DOC, help="markdown file the table is written to")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
