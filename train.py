@@ -402,11 +402,11 @@ class Trainer:
     def _clip_gradients(self) -> float:
         """Clip to optim.grad_clip (0 = no clipping) and return the norm before clipping; gradients are
         already averaged over ranks after the boundary backward."""
-        grads = [p for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if not params:
             return 0.0
         max_norm = self.cfg.optim.grad_clip or math.inf
-        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True))
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self, *, until: int | None = None) -> list[dict[str, float]]:

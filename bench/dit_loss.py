@@ -19,19 +19,19 @@ from pathlib import Path
 
 import torch
 
+from dit.diffusion import FlowMatching
+
 SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.97)
 
 
 @torch.no_grad()
 def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
                        sigmas=SIGMAS, seed: int = 0, batch: int = 50,
-                       prediction: str = "velocity") -> dict[float, float]:
-    """Latents (N, C, T', H', W'), text (N, S, Dt), mask (N, S) -> {sigma: mean velocity MSE}; `prediction`
-    is what the model outputs ("velocity" or "x0")."""
-    from dit.diffusion import FlowMatching
-
-    # Noising, target and output conversion only: the shift plays no part at a given sigma.
-    process = FlowMatching(prediction=prediction)
+                       process: FlowMatching | None = None) -> dict[float, float]:
+    """Latents (N, C, T', H', W'), text (N, S, Dt), mask (N, S) -> {sigma: mean velocity MSE}. `process` (the
+    model's, default a velocity model) gives noising, target and output conversion only: its shift plays no
+    part at a given sigma."""
+    process = process or FlowMatching()
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     losses = {}
     for sigma in sigmas:
@@ -41,7 +41,7 @@ def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_ma
         total = 0.0
         for start in range(0, latents.shape[0], batch):
             part = slice(start, start + batch)
-            pred = process.velocity(model(x_t[part], t[part], text[part], text_mask[part]), x_t[part], t[part])
+            pred = process.as_target(model(x_t[part], t[part], text[part], text_mask[part]), x_t[part], t[part])
             total += float((pred - target[part]).square().mean(dim=(1, 2, 3, 4)).sum())
         losses[sigma] = total / latents.shape[0]
     return losses
@@ -49,7 +49,9 @@ def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_ma
 
 def main(argv: list[str] | None = None) -> None:
     from data.cache import CachedLatentDataset, collate_latents
+    from dit.diffusion import build_process
     from dit.model import DiT
+    from dit.pipeline import read_pipeline_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="an export folder (with dit/) or a DiT folder")
@@ -62,9 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     if not (folder / "config.json").exists():
         raise SystemExit(f"{args.model}: no DiT config.json here or in dit/; pass an export or a DiT folder")
     model = DiT.from_pretrained(folder).eval()
-    pipeline_json = args.model / "pipeline.json"  # a bare DiT folder has none: a velocity model, as before
-    prediction = json.loads(pipeline_json.read_text()).get("flow_prediction", "velocity") if pipeline_json.is_file() \
-        else "velocity"
+    # An export says what the model outputs in pipeline.json; a bare DiT folder has none: a velocity model.
+    process = build_process(read_pipeline_config(args.model).diffusion) if folder != args.model else None
+    if process is not None and not isinstance(process, FlowMatching):
+        raise SystemExit(f"{args.model}: a {type(process).__name__} model; this loss is for flow matching only")
     dataset = CachedLatentDataset(args.cache)
     # The bucket tells a clip from a still without reading the sample from its shard.
     clips = [i for i, bucket in enumerate(dataset.buckets) if bucket is not None and bucket.num_frames > 1]
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.cache}: no multi-frame samples in this cache")
     batch = collate_latents([dataset[i] for i in clips[: args.clips]])
     losses = flow_loss_by_sigma(model, batch["latents"].float(), batch["text_hidden"].float(), batch["text_mask"],
-                                seed=args.seed, prediction=prediction)
+                                seed=args.seed, process=process)
     print(json.dumps({"clips": len(batch["latents"]), "loss_by_sigma": {str(k): round(v, 4) for k, v in losses.items()},
                       "mean": round(sum(losses.values()) / len(losses), 4)}))
 

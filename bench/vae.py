@@ -214,6 +214,8 @@ def quality_table(args: argparse.Namespace) -> str:
     clips = manifest_clips(
         args.manifest, num_clips=args.num_clips, frames=args.frames[0], size=args.size, seed=0
     )
+    from data.evaluate import describe
+
     psnrs, ssims, readings = [], [], []
     with torch.inference_mode():
         for clip in clips:
@@ -223,8 +225,6 @@ def quality_table(args: argparse.Namespace) -> str:
             psnrs.append(10 * math.log10(4.0 / max(mse, 1e-12)))  # peak-to-peak range 2 for [-1, 1]
             ssims.append(ssim(recon, clip).item())
             if args.evaluate:
-                from data.evaluate import describe
-
                 readings.append((describe(clip[0]), describe(recon[0])))
     lines = [
         f"Weights `{args.weights}`, {len(psnrs)} clips of {args.frames[0]} frames at {args.size}x{args.size} "

@@ -7,8 +7,10 @@ sample (B,) or per position (B, T', H', W') and broadcasts it over the channels.
   DDPM:  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   abar_t = prod_{s <= t} (1 - beta_s)
   flow:  x_s = (1 - sigma) x0 + sigma eps,                velocity target v = eps - x0
 
-A flow model may also output x0 itself (`FlowMatching(prediction="x0")`); `FlowMatching.velocity` turns
-that into v = (x_s - x0) / sigma, so the loss and every sampler still work on velocities.
+A flow model may also output x0 itself (`FlowMatching(prediction="x0")`); `FlowMatching.as_target` turns
+that into v = (x_s - x0) / sigma, so the loss and every sampler still work on velocities. Both processes
+have `as_target` (the network output in the space of `training_target`; DDPM's is the output itself), so
+the loss and the samplers call it without asking which process they hold.
 
 Schedules and all DDPM coefficients are computed in float64 and applied in float32; the training loss is
 computed in float32 whatever the model's dtype.
@@ -188,6 +190,10 @@ class DDPM:
         abar = broadcast_to(self.alphabar(t), x0)
         return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
+    def as_target(self, pred: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """The network output in the space of `training_target`: DDPM models predict that space directly."""
+        return pred
+
     def add_score(self, pred: Tensor, x_t: Tensor, t: Tensor, score: Tensor) -> Tensor:
         """The prediction after adding `score` to grad log p(x_t): eps = -sqrt(1 - abar) * score."""
         eps = self.convert(pred, x_t, t, source=self.prediction, target="eps")
@@ -229,7 +235,7 @@ class FlowMatching:
 
     `prediction` is what the network outputs: "velocity" (eps - x0, the usual choice) or "x0" (the clean
     latents). An x0 network models only the data, which matters when a token carries many values compared
-    with the model's width (large patches, small models: Li & He 2025); `velocity` converts its output, so
+    with the model's width (large patches, small models: Li & He 2025); `as_target` converts its output, so
     training (the loss is on the velocity: x0 error weighted by 1 / sigma^2) and sampling stay the same.
     """
 
@@ -278,7 +284,7 @@ class FlowMatching:
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise - x0
 
-    def velocity(self, pred: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    def as_target(self, pred: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """The velocity that a network output `pred` at (x, t) stands for: `pred` itself, or for x0
         prediction (x - x0) / sigma with sigma floored at X0_MIN_SIGMA (x = x0 + sigma v)."""
         if self.prediction == "velocity":
@@ -433,8 +439,7 @@ def training_loss(
         cond_mask = cond_mask.to(x0.device)  # mask samplers build it on the CPU
         x_t = torch.where(position_mask(cond_mask), x0, x_t)
     pred = model(x_t, model_timesteps(t, cond_mask, patch_size), text, text_mask)
-    if isinstance(process, FlowMatching):
-        pred = process.velocity(pred.float(), x_t, t)  # the loss compares velocities whatever the output
+    pred = process.as_target(pred.float(), x_t, t)  # e.g. a flow x0 output becomes a velocity
     per_sample = masked_mse(pred, target, cond_mask)  # (B,)
     cond_fraction = cond_mask.float().mean() if cond_mask is not None else torch.zeros((), device=x0.device)
     logs = {"loss": per_sample.mean().detach(), "timestep_mean": t.mean(), "cond_fraction": cond_fraction}

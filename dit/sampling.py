@@ -181,15 +181,11 @@ class _Denoiser:
     classifier_scale: float
     patch_size: tuple[int, int, int]
 
-    def as_step_input(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        """A flow model's output as the velocity the steps use (x0 prediction converted); DDPM's as it is."""
-        return self.process.velocity(output, x, t) if isinstance(self.process, FlowMatching) else output
-
     def __call__(self, x: Tensor, t_value: float) -> Tensor:
         t = torch.full((x.shape[0],), t_value, dtype=torch.float32, device=x.device)  # (B,)
         t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
         if self.guidance_scale == 1.0:
-            pred = self.as_step_input(self.model(x, t_model, self.text, self.text_mask).float(), x, t)
+            pred = self.process.as_target(self.model(x, t_model, self.text, self.text_mask).float(), x, t)
         else:
             # Conditional and unconditional in one batched forward: [cond; uncond].
             length = max(self.text.shape[1], self.neg_text.shape[1])
@@ -201,7 +197,8 @@ class _Denoiser:
                 torch.cat([text, neg_text]),  # (2B, S, Dt)
                 torch.cat([text_mask, neg_mask]),  # (2B, S)
             ).float()
-            cond, uncond = (self.as_step_input(part, x, t) for part in both.chunk(2))  # (B, C, T', H', W') each
+            # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
+            cond, uncond = (self.process.as_target(part, x, t) for part in both.chunk(2))  # (B, C, T', H', W') each
             pred = uncond + self.guidance_scale * (cond - uncond)
             if self.guidance_rescale > 0:
                 pred = rescale_guidance(pred, cond, self.guidance_rescale)

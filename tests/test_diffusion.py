@@ -320,10 +320,10 @@ def test_x0_prediction_weighs_x0_errors_by_inverse_sigma_squared():
     assert process.prediction == "x0"
     x0, x = torch.randn(3, 2, 1, 2, 2), torch.randn(3, 2, 1, 2, 2)
     t = torch.tensor([500.0, 100.0, 10.0])  # sigma 0.5, 0.1, 0.01 (floored to 0.05)
-    error = process.velocity(x0 + 0.1, x, t) - process.velocity(x0, x, t)
+    error = process.as_target(x0 + 0.1, x, t) - process.as_target(x0, x, t)
     for index, sigma in enumerate([0.5, 0.1, X0_MIN_SIGMA]):
         torch.testing.assert_close(error[index], torch.full_like(error[index], -0.1 / sigma))
-    exact = process.velocity(x0[:2], process.add_noise(x0[:2], x[:2], t[:2]), t[:2])  # sigma above the floor
+    exact = process.as_target(x0[:2], process.add_noise(x0[:2], x[:2], t[:2]), t[:2])  # sigma above the floor
     torch.testing.assert_close(exact, process.training_target(x0[:2], x[:2], t[:2]))
 
 
