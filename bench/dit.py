@@ -2,8 +2,9 @@
 
 Both models get the same config and the same weights (ours is loaded from the diffusers state dict
 through dit/convert.py), the same inputs, and one training step each: forward + backward of a
-mean-square loss. Reported per token count: median step time, speed-up, peak memory and, on CUDA,
-model FLOPs utilisation against the card's measured bf16 matmul peak (an 8192^3 matmul timed here).
+mean-square loss. Reported per token count: median step time, speed-up, peak memory and model FLOPs
+utilisation against a matmul peak measured here in the same dtype (8192^3 bf16 on CUDA, 1024^3 fp32 on
+CPU): on CPU it shows how much room is left at all, since both models do the same FLOPs.
 
     python bench/dit.py                                   # CPU (1 thread), fp32, the demo preset (~30 s)
     python bench/dit.py --device cuda --preset wan2.1-1.3b [--compile]   # bf16, up to 480p x 81 frames
@@ -131,18 +132,33 @@ def measure(forward, model, device: torch.device, iters: int) -> tuple[float, fl
     return statistics.median(times), mib
 
 
-def matmul_peak_flops(device: torch.device) -> float:
-    """Measured bf16 dense matmul throughput (FLOP/s): the denominator of MFU."""
-    n = 8192
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul throughput (FLOP/s) in the benchmark's dtype: the denominator of MFU. On CPU
+    per CPU-second, like the step times, so it is the ceiling of what the same threads can do."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
-    start, reps = time.perf_counter(), 20
+    reps = 20
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize()
+        return 2 * n**3 * reps / (time.perf_counter() - start)
+    start = time.process_time()
     for _ in range(reps):
         a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    return 2 * n**3 * reps / (time.process_time() - start)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def format_flops(flops: float) -> str:
+    return f"{flops / 1e12:.0f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.0f} GFLOP/s"
 
 
 def run_size(model, is_ours: bool, inputs, device: torch.device, iters: int, compile_model: bool, ladder):
@@ -284,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda"
         else CPU_GRIDS
     )
-    peak = matmul_peak_flops(device) if device.type == "cuda" else None
+    peak = matmul_peak_flops(device, dtype)
     ours, peer = build_pair(cfg, device, dtype, seed=0)
     peer = None if args.no_peer else peer
     device_name = (
@@ -292,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{preset}: {ours.num_params() / 1e6:.1f}M parameters, {dtype}, batch {args.batch}, text {text_len}, "
-        f"{device_name}" + (f", measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else "")
+        f"{device_name}, measured {dtype_name(dtype)} matmul peak {format_flops(peak)}"
     )
 
     rows = []
@@ -325,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `{command.strip()}`\n\nPreset `{preset}` ({ours.num_params() / 1e6:.1f}M parameters), "
         f"{dtype}, batch {args.batch}, {text_len} text tokens, {device_name}"
         + (", torch.compile" if args.compile else "")
-        + (f"; MFU against a measured bf16 matmul peak of {peak / 1e12:.0f} TFLOP/s" if peak else "")
+        + f"; MFU against a measured {dtype_name(dtype)} matmul peak of {format_flops(peak)}"
         + ".\n"
     )
     print("\n" + header + "\n" + table)

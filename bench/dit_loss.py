@@ -5,6 +5,13 @@ The training log's loss mixes noise levels drawn at random; this draws one noise
 same cache compare number for number. Used to choose the demo recipe's DiT settings (docs/demo.md).
 
     python -m bench.dit_loss MODEL_FOLDER --cache outputs/demo/cache [--clips 200]
+    python -m bench.dit_loss MODEL_FOLDER --cache outputs/demo/cache --probe    # + which words it reads
+
+`--probe` asks whether the model uses each attribute word of the demo's captions (colour, shape, size,
+motion): it denoises every clip under captions that differ in that word only and picks the caption with
+the lowest loss (the diffusion model as a classifier, Li et al. 2023). Chance is one over the number of
+values (colour 1/6, shape 1/4, size 1/2, motion 1/5); a model that ignores a word scores chance on it
+whatever its samples look like, so the probe separates settings long before the samples do.
 
 MODEL_FOLDER is an export (holding dit/ and pipeline.json) or a DiT folder. Flow-matching models only:
 the loss is the mean square error of the predicted velocity (noise - x0) per latent element; an x0-
@@ -22,6 +29,8 @@ import torch
 from dit.diffusion import FlowMatching
 
 SIGMAS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.97)
+# Noise levels of the probe: low noise decides shape, high noise layout and motion; their losses add.
+PROBE_SIGMAS = (0.3, 0.5, 0.7, 0.85, 0.95)
 
 
 @torch.no_grad()
@@ -47,6 +56,56 @@ def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_ma
     return losses
 
 
+def probe_captions(named: dict[str, str | None], attribute: str) -> tuple[list[str], list[str]]:
+    """The candidate values of `attribute` and one caption for each, all else as `named` (parse_prompt's
+    output for a synthetic-world caption), in the training templates' words."""
+    from data.synthetic import COLOURS, MOTION_PHRASES, SHAPES, SIZES
+
+    values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "motion": list(MOTION_PHRASES)}
+    candidates = values[attribute]
+    captions = []
+    for value in candidates:
+        words = {**named, attribute: value}
+        motion = MOTION_PHRASES[words["motion"]][0]
+        size = f"{words['size']} " if words["size"] is not None else ""
+        captions.append(f"a {size}{words['colour']} {words['shape']} {motion} on a {words['background']} background")
+    return candidates, captions
+
+
+@torch.no_grad()
+def attribute_probe(model, latents: torch.Tensor, texts: list[str], encoder, *, sigmas=PROBE_SIGMAS, seed: int = 0,
+                    process: FlowMatching | None = None) -> dict[str, dict[str, float | int]]:
+    """Latents (N, C, T', H', W') of synthetic-world clips and their captions -> per attribute, the share
+    of clips whose own value gives the lowest loss summed over `sigmas` (same noise for every candidate),
+    and how many clips named it."""
+    from data.evaluate import ATTRIBUTES, parse_prompt
+
+    process = process or FlowMatching()
+    generator = torch.Generator().manual_seed(seed)
+    hits = {attribute: 0 for attribute in ATTRIBUTES}
+    counts = {attribute: 0 for attribute in ATTRIBUTES}
+    t = torch.tensor([sigma * process.num_timesteps for sigma in sigmas])  # (K,)
+    for latent, text in zip(latents, texts, strict=True):
+        named = parse_prompt(text)
+        noise = torch.randn((len(sigmas), *latent.shape), generator=generator)  # (K, C, T', H', W')
+        x_t = process.add_noise(latent.expand_as(noise), noise, t)
+        target = process.training_target(latent.expand_as(noise), noise, t)
+        for attribute in ATTRIBUTES:
+            if named[attribute] is None or named["background"] is None:
+                continue
+            candidates, captions = probe_captions(named, attribute)
+            hidden, mask = encoder.encode(captions)  # (V, S, Dt), (V, S)
+            v, k = len(candidates), len(sigmas)
+            pred = model(x_t.repeat(v, 1, 1, 1, 1), t.repeat(v), hidden.repeat_interleave(k, 0),
+                         mask.repeat_interleave(k, 0))  # (V*K, C, T', H', W')
+            pred = process.as_target(pred, x_t.repeat(v, 1, 1, 1, 1), t.repeat(v))
+            loss = (pred - target.repeat(v, 1, 1, 1, 1)).square().mean(dim=(1, 2, 3, 4)).reshape(v, k).sum(1)
+            hits[attribute] += int(candidates[int(loss.argmin())] == named[attribute])
+            counts[attribute] += 1
+    return {attribute: {"accuracy": round(hits[attribute] / max(counts[attribute], 1), 3), "clips": counts[attribute]}
+            for attribute in ATTRIBUTES}
+
+
 def main(argv: list[str] | None = None) -> None:
     from data.cache import CachedLatentDataset, collate_latents
     from dit.diffusion import build_process
@@ -58,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, required=True, help="a `python -m data.cache` folder")
     parser.add_argument("--clips", type=int, default=200, help="first N multi-frame samples of the cache")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    parser.add_argument("--probe", action="store_true",
+                        help="also score which attribute words the model reads (synthetic-world captions)")
     args = parser.parse_args(argv)
 
     folder = args.model / "dit" if (args.model / "dit").is_dir() else args.model
@@ -76,8 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     batch = collate_latents([dataset[i] for i in clips[: args.clips]])
     losses = flow_loss_by_sigma(model, batch["latents"].float(), batch["text_hidden"].float(), batch["text_mask"],
                                 seed=args.seed, process=process)
-    print(json.dumps({"clips": len(batch["latents"]), "loss_by_sigma": {str(k): round(v, 4) for k, v in losses.items()},
-                      "mean": round(sum(losses.values()) / len(losses), 4)}))
+    report = {"clips": len(batch["latents"]), "loss_by_sigma": {str(k): round(v, 4) for k, v in losses.items()},
+              "mean": round(sum(losses.values()) / len(losses), 4)}
+    if args.probe:
+        from dit.text_encoder import TextEncoder
+
+        encoder = TextEncoder.from_pretrained(json.loads((args.cache / "cache.json").read_text())["text_encoder"])
+        report["probe"] = attribute_probe(model, batch["latents"].float(), batch["text"], encoder,
+                                          seed=args.seed, process=process)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

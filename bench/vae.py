@@ -13,6 +13,9 @@ With --evaluate (synthetic-world clips), each clip and its reconstruction are al
 data.evaluate: the share of clips whose reconstruction reads as the clip does, per attribute, is the
 ceiling a DiT on this VAE's latents can reach on the demo's accuracy table.
 
+The table is printed; `--out FILE` also writes it there. docs/benchmarks-vae.md is assembled by hand
+from these tables with the prose around them, so no run overwrites it unasked.
+
 Method. Every (implementation, operation, length) runs in a fresh subprocess, so one measurement's
 freed memory cannot hide the next one's. After a warm-up on a 5-frame clip, the call is timed with
 wall-clock time (CUDA synchronised). Peak memory is the growth over the call: on CUDA,
@@ -277,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluate", action="store_true",
                         help="with --weights: also compare what data.evaluate reads from each clip and its "
                              "reconstruction (synthetic-world clips)")
-    parser.add_argument("--out", type=Path, default=DOC, help="markdown file the table is written to")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"also write the table to this markdown file (e.g. a new section for {DOC})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -292,8 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.vae " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"## {title}\n\n`{command}`\n\n{table}\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ weights load through `dit/convert.py` with no renaming beyond the diffusers map:
     blocks.N.ffn.{0,2}                  Linear -> GELU(tanh) -> Linear
     head.head, head.modulation          adaLN output head
 
-One optional addition, off for Wan's shapes: `pooled_text` adds a masked mean of the embedded text,
-through `text_pool.{0,2}` (Linear -> SiLU -> Linear), to the timestep embedding, so every block's adaLN
-modulation and the head see the prompt as well as the cross-attention does. Global attributes (what,
-which colour, which way) reach every token without first learning to attend (SD3 and Flux condition the
-modulation on a pooled text vector for the same reason; the DiT paper found adaLN conditioning faster to
-train than cross-attention).
+Two optional additions, off for Wan's shapes. `abs_pos` adds a fixed sin-cos embedding of each token's
+grid index to the patch embedding (no parameters; see DiTConfig.abs_pos). `pooled_text` adds a masked
+mean of the embedded text, through `text_pool.{0,2}` (Linear -> SiLU -> Linear), to the timestep
+embedding, so every block's adaLN modulation and the head see the prompt as well as the cross-attention
+does. Global attributes (what, which colour, which way) reach every token without first learning to
+attend (SD3 and Flux condition the modulation on a pooled text vector for the same reason; the DiT paper
+found adaLN conditioning faster to train than cross-attention).
 
 Differences from Wan, all in `init_weights`: the adaLN path starts at zero (time_projection's Linear,
 every block's `modulation`, cross-attention's output projection and the head), so a fresh block is the
@@ -105,6 +106,11 @@ class DiTConfig:
     pooled_text: bool = False
     """Add the masked mean of the embedded text (through a small MLP) to the timestep embedding, so the
     adaLN modulation sees the prompt (module docstring). Wan has no such path: False for its weights."""
+    abs_pos: bool = False
+    """Add a fixed sin-cos embedding of each token's (t, h, w) grid index to the patch embedding (DiT and
+    Latte have one; Wan relies on RoPE alone). RoPE tells a token only where others are relative to it;
+    this tells it which frame and which part of the frame it is in, which a prompt's "moving left" needs
+    at high noise (start on the right, end on the left). No parameters: Wan's weights load either way."""
     checkpoint_policy: str = "full"
     """With gradient_checkpointing: "full" keeps only block inputs (least memory); "attention" also keeps
     the attention kernels' outputs and recomputes the rest (faster when attention dominates: long videos)."""
@@ -382,6 +388,10 @@ class DiT(nn.Module):
         tokens = rearrange(tokens, "b d t h w -> b (t h w) d")  # (B, L, D)
         context = self.text_embedding(text.to(tokens.dtype))  # (B, S, D)
         angles = rope_angles(grid, self.cfg.head_dim, self.cfg.rope_theta, x.device)  # (L, Dh/2)
+        if self.cfg.abs_pos:
+            # RoPE's axis split and frequencies over the whole width: sin and cos of (t, h, w) per channel pair.
+            position = rope_angles(grid, self.cfg.dim, self.cfg.rope_theta, x.device)  # (L, D/2)
+            tokens = tokens + torch.cat([position.sin(), position.cos()], dim=1).to(tokens.dtype)  # (B, L, D)
 
         # Float32 island: timestep embedding, time MLP and the six shared modulation vectors.
         groups = self._timestep_groups(t, batch, grid)  # (B, G)

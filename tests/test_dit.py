@@ -134,6 +134,35 @@ def test_pooled_text_reaches_the_modulation_without_cross_attention():
     assert torch.count_nonzero(fresh(*make_inputs(fresh.cfg))) == 0
 
 
+def test_abs_pos_tells_tokens_where_they_are():
+    """On a uniform latent (every patch alike) RoPE alone gives every token the same output, so the model
+    cannot place anything; abs_pos breaks that symmetry with the sin-cos of each token's grid index and adds
+    no parameter (Wan's weights load either way); a fresh model with it still predicts zero."""
+    grid = (3, 4, 6)
+    for abs_pos in (False, True):
+        model = make_model(abs_pos=abs_pos)
+        _, t, text, mask = make_inputs(model.cfg, grid=grid)
+        x = torch.randn(2, model.cfg.in_channels, 1, 1, 1).expand(-1, -1, *grid).contiguous()
+        with torch.no_grad():
+            tokens = model.embed(x, t, text, mask).tokens  # (B, L, D)
+            out = model(x, t, text, mask)  # (B, C, T', H', W')
+        pt, ph, pw = model.cfg.patch_size
+        out = rearrange(out, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)  # per token
+        if abs_pos:
+            assert not torch.allclose(out, out[:, :1].expand_as(out), atol=1e-3)
+            plain = model.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, L, D)
+            token_grid = model.validate_latent_shape(*grid)  # (T'', H'', W'')
+            angles = rope_angles(token_grid, model.cfg.dim, model.cfg.rope_theta, x.device)  # (L, D/2)
+            torch.testing.assert_close(tokens - plain, torch.cat([angles.sin(), angles.cos()], 1).expand_as(plain))
+        else:
+            torch.testing.assert_close(out, out[:, :1].expand_as(out), rtol=1e-5, atol=1e-5)
+    assert {name for name, _ in make_model(abs_pos=True).named_parameters()} == \
+        {name for name, _ in make_model().named_parameters()}
+    torch.manual_seed(0)
+    fresh = DiT(DiTConfig.from_preset("debug", abs_pos=True))
+    assert torch.count_nonzero(fresh(*make_inputs(fresh.cfg))) == 0
+
+
 def test_bad_timestep_shape_is_a_clear_error():
     model = make_model()
     x, _, text, mask = make_inputs(model.cfg)
