@@ -161,6 +161,29 @@ def format_flops(flops: float) -> str:
     return f"{flops / 1e12:.0f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.0f} GFLOP/s"
 
 
+def op_profile(model, is_ours: bool, inputs, device: torch.device, top: int = 8) -> str:
+    """Where one model's step goes: the `top` operators by self time over three steps (torch.profiler),
+    each as a share of the total, so a speed target can be checked against what is left to win."""
+    from torch.profiler import ProfilerActivity, profile
+
+    forward = make_forward(model, is_ours, inputs)
+
+    def step():
+        forward().backward()
+        for p in model.parameters():
+            p.grad = None
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    total = sum(getattr(e, attribute) for e in events)
+    return ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, attribute) / total:.0%}" for e in events[:top])
+
+
 def run_size(model, is_ours: bool, inputs, device: torch.device, iters: int, compile_model: bool, ladder):
     """Time one model at one size, walking the checkpointing `ladder` (None = off) on CUDA out-of-memory."""
     for policy in ladder:
@@ -279,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="force this checkpoint policy on ours (diffusers: full) instead of trying without first",
     )
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each model's top operators by self time at every size (torch.profiler)")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {DOC_PATH.name}")
     args = parser.parse_args(argv)
 
@@ -334,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
             previous=rows,
             forced=args.checkpointing,
         )
+        if args.profile:
+            for name, model, is_ours in (("ours", ours, True), ("diffusers", peer, False)):
+                if model is not None:
+                    print(f"  {'x'.join(map(str, grid))} {name}: {op_profile(model, is_ours, inputs, device)}")
 
     command = "python bench/dit.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = render(rows, peer is not None, peak is not None, cuda=device.type == "cuda")
