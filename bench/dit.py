@@ -101,16 +101,17 @@ def make_forward(model, is_ours: bool, inputs):
     return lambda: model(x, t, text, return_dict=False)[0].float().square().mean()
 
 
+def train_step(forward, model) -> None:
+    """One forward + backward of `forward`'s loss; the gradients are dropped so none accumulate."""
+    forward().backward()
+    for p in model.parameters():
+        p.grad = None
+
+
 def measure(forward, model, device: torch.device, iters: int) -> tuple[float, float]:
     """(median seconds per forward+backward step, MiB): wall time and peak allocation growth on CUDA;
     process CPU time (all threads, robust to other load on a shared machine) and saved activations on CPU."""
-
-    def step():
-        forward().backward()
-        for p in model.parameters():
-            p.grad = None
-
-    step()  # warm-up: kernels, allocator, autotuning, compilation
+    train_step(forward, model)  # warm-up: kernels, allocator, autotuning, compilation
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -118,13 +119,13 @@ def measure(forward, model, device: torch.device, iters: int) -> tuple[float, fl
         base = torch.cuda.memory_allocated()
         for _ in range(iters):
             start = time.perf_counter()
-            step()
+            train_step(forward, model)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
     for _ in range(iters):
         start = time.process_time()
-        step()
+        train_step(forward, model)
         times.append(time.process_time() - start)
     mib = saved_activation_mib(forward, model)
     for p in model.parameters():
@@ -135,22 +136,19 @@ def measure(forward, model, device: torch.device, iters: int) -> tuple[float, fl
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense matmul throughput (FLOP/s) in the benchmark's dtype: the denominator of MFU. On CPU
     per CPU-second, like the step times, so it is the ceiling of what the same threads can do."""
-    n = 8192 if device.type == "cuda" else 1024
+    cuda = device.type == "cuda"
+    n, reps = (8192 if cuda else 1024), 20
+    clock = time.perf_counter if cuda else time.process_time
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
-    reps = 20
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        torch.cuda.synchronize()
-        return 2 * n**3 * reps / (time.perf_counter() - start)
-    start = time.process_time()
+    sync()
+    start = clock()
     for _ in range(reps):
         a @ b
-    return 2 * n**3 * reps / (time.process_time() - start)
+    sync()
+    return 2 * n**3 * reps / (clock() - start)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -167,17 +165,11 @@ def op_profile(model, is_ours: bool, inputs, device: torch.device, top: int = 8)
     from torch.profiler import ProfilerActivity, profile
 
     forward = make_forward(model, is_ours, inputs)
-
-    def step():
-        forward().backward()
-        for p in model.parameters():
-            p.grad = None
-
-    step()
+    train_step(forward, model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
-            step()
+            train_step(forward, model)
     attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
     total = sum(getattr(e, attribute) for e in events)

@@ -58,17 +58,15 @@ def flow_loss_by_sigma(model, latents: torch.Tensor, text: torch.Tensor, text_ma
 
 def probe_captions(named: dict[str, str | None], attribute: str) -> tuple[list[str], list[str]]:
     """The candidate values of `attribute` and one caption for each, all else as `named` (parse_prompt's
-    output for a synthetic-world caption), in the training templates' words."""
-    from data.synthetic import COLOURS, MOTION_PHRASES, SHAPES, SIZES
+    output for a synthetic-world caption), in the first training template that names what `named` does."""
+    from data.synthetic import CLIP_TEMPLATES, COLOURS, MOTION_PHRASES, MOTIONS, SHAPES, SIZES
 
-    values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "motion": list(MOTION_PHRASES)}
-    candidates = values[attribute]
+    candidates = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "motion": list(MOTIONS)}[attribute]
+    template = CLIP_TEMPLATES[0] if named["size"] is not None else CLIP_TEMPLATES[1]  # [1] names no size
     captions = []
     for value in candidates:
         words = {**named, attribute: value}
-        motion = MOTION_PHRASES[words["motion"]][0]
-        size = f"{words['size']} " if words["size"] is not None else ""
-        captions.append(f"a {size}{words['colour']} {words['shape']} {motion} on a {words['background']} background")
+        captions.append(template.format(**{**words, "motion": MOTION_PHRASES[words["motion"]][0]}))
     return candidates, captions
 
 
@@ -96,9 +94,9 @@ def attribute_probe(model, latents: torch.Tensor, texts: list[str], encoder, *, 
             candidates, captions = probe_captions(named, attribute)
             hidden, mask = encoder.encode(captions)  # (V, S, Dt), (V, S)
             v, k = len(candidates), len(sigmas)
-            pred = model(x_t.repeat(v, 1, 1, 1, 1), t.repeat(v), hidden.repeat_interleave(k, 0),
-                         mask.repeat_interleave(k, 0))  # (V*K, C, T', H', W')
-            pred = process.as_target(pred, x_t.repeat(v, 1, 1, 1, 1), t.repeat(v))
+            x_all, t_all = x_t.repeat(v, 1, 1, 1, 1), t.repeat(v)  # (V*K, C, T', H', W'), (V*K,): candidate-major
+            pred = model(x_all, t_all, hidden.repeat_interleave(k, 0), mask.repeat_interleave(k, 0))
+            pred = process.as_target(pred, x_all, t_all)  # (V*K, C, T', H', W')
             loss = (pred - target.repeat(v, 1, 1, 1, 1)).square().mean(dim=(1, 2, 3, 4)).reshape(v, k).sum(1)
             hits[attribute] += int(candidates[int(loss.argmin())] == named[attribute])
             counts[attribute] += 1

@@ -146,8 +146,7 @@ def test_abs_pos_tells_tokens_where_they_are():
         with torch.no_grad():
             tokens = model.embed(x, t, text, mask).tokens  # (B, L, D)
             out = model(x, t, text, mask)  # (B, C, T', H', W')
-        pt, ph, pw = model.cfg.patch_size
-        out = rearrange(out, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)  # per token
+        out = patchify(out, model.cfg.patch_size)  # (B, L, pt*ph*pw*C): one row per token
         if abs_pos:
             assert not torch.allclose(out, out[:, :1].expand_as(out), atol=1e-3)
             plain = model.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, L, D)
