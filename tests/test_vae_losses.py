@@ -55,6 +55,20 @@ def test_l2_term_is_the_mean_squared_error():
     assert "l2" not in logs  # off by default: the term is not computed
 
 
+def test_motion_term_pays_for_frames_held_and_not_for_a_constant_offset():
+    posterior = DiagonalGaussian(torch.zeros(1, 8, 1, 2, 2))
+    only_motion = VAELoss(VAELossConfig(l1_weight=0.0, motion_weight=1.0, ssim_weight=0.0, kl_weight=0.0,
+                                        disc_weight=0.0))  # fmt: skip
+    ramp = torch.arange(5.0).view(1, 1, 5, 1, 1).expand(1, 3, 5, 4, 4) / 8  # each frame 1/8 brighter
+    total, logs = only_motion(ramp, ramp + 0.25, posterior, step=0)
+    assert total == 0 and logs["motion"] == 0  # the same motion, offset: only the pixel terms see it
+    held = ramp[:, :, [0, 0, 2, 2, 4]]  # frames held in pairs: steps 0, 1/4, 0, 1/4 instead of 1/8 each
+    total, logs = only_motion(ramp, held, posterior, step=0)
+    assert total == logs["motion"] == 0.125
+    _, logs = only_motion(ramp[:, :, :1], held[:, :, :1], posterior, step=0)
+    assert "motion" not in logs  # a still has no frame differences
+
+
 class ConstantLogits(nn.Module):
     """A stand-in discriminator: logit `real` for the real batch (first call), `fake` otherwise."""
 

@@ -1,4 +1,4 @@
-"""Training losses for the causal VAE: L1 (+ L2) + (1 - SSIM) reconstruction, KL, and a 3D patch
+"""Training losses for the causal VAE: L1 (+ L2, + frame differences) + (1 - SSIM) reconstruction, KL, and a 3D patch
 discriminator with hinge loss that switches on after a warm-up step.
 
 Everything works per frame or with time padding, so images (T = 1) and clips share one run.
@@ -33,6 +33,11 @@ class VAELossConfig:
     l2_weight: float = 0.0
     """Weight of the mean squared pixel error. L1's pull is the same for every wrong pixel, so a model
     unsure of a small object may erase it; L2 pulls hardest on the largest errors (docs/demo.md)."""
+    motion_weight: float = 0.0
+    """Weight of the mean absolute error of frame-to-frame differences (clips only; 0 for stills). Pixel
+    losses barely see a shape left one pixel behind within a latent frame's group of frames, so a VAE
+    that decodes each group as near-still frames and jumps between groups pays little for it; this term
+    pays for the jump itself (docs/demo.md)."""
     ssim_weight: float = 0.2
     """Weight of 1 - SSIM (per frame, 11x11 Gaussian window); 0 switches it off."""
     kl_weight: float = 1e-6
@@ -47,7 +52,7 @@ class VAELossConfig:
     """Strided layers in the discriminator; each halves H and W (frames need >= 2**disc_layers pixels)."""
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "l2_weight", "ssim_weight", "kl_weight", "disc_weight", "disc_start_step"):
+        for name in ("l1_weight", "l2_weight", "motion_weight", "ssim_weight", "kl_weight", "disc_weight", "disc_start_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.disc_base_dim < 8 or self.disc_base_dim % 8:
@@ -151,6 +156,9 @@ class VAELoss(nn.Module):
         if cfg.l2_weight > 0:
             terms["l2"] = error.square().mean()
             total = total + cfg.l2_weight * terms["l2"]
+        if cfg.motion_weight > 0 and x.shape[2] > 1:
+            terms["motion"] = (error[:, :, 1:] - error[:, :, :-1]).abs().mean()  # |d recon/dt - d x/dt|
+            total = total + cfg.motion_weight * terms["motion"]
         if cfg.ssim_weight > 0:
             terms["ssim"] = ssim(recon, x)
             total = total + cfg.ssim_weight * (1.0 - terms["ssim"])
