@@ -6,12 +6,14 @@ same cache compare number for number. Used to choose the demo recipe's DiT setti
 
     python -m bench.dit_loss MODEL_FOLDER --cache outputs/demo/cache [--clips 200]
     python -m bench.dit_loss MODEL_FOLDER --cache outputs/demo/cache --probe    # + which words it reads
+    python -m bench.dit_loss MODEL_FOLDER --cache outputs/demo/cache --probe --by-level   # + at each level alone
 
 `--probe` asks whether the model uses each attribute word of the demo's captions (colour, shape, size,
 motion): it denoises every clip under captions that differ in that word only and picks the caption with
 the lowest loss (the diffusion model as a classifier, Li et al. 2023). Chance is one over the number of
 values (colour 1/6, shape 1/4, size 1/2, motion 1/5); a model that ignores a word scores chance on it
-whatever its samples look like, so the probe separates settings long before the samples do.
+whatever its samples look like, so the probe separates settings long before the samples do. With
+`--by-level` it is repeated at each of its noise levels alone: where in the denoising a word is read.
 
 MODEL_FOLDER is an export (holding dit/ and pipeline.json) or a DiT folder. Flow-matching models only:
 the loss is the mean square error of the predicted velocity (noise - x0) per latent element; an x0-
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
     parser.add_argument("--probe", action="store_true",
                         help="also score which attribute words the model reads (synthetic-world captions)")
+    parser.add_argument("--by-level", action="store_true", help="with --probe: also probe each noise level alone")
     args = parser.parse_args(argv)
 
     folder = args.model / "dit" if (args.model / "dit").is_dir() else args.model
@@ -143,6 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         encoder = TextEncoder.from_pretrained(json.loads((args.cache / "cache.json").read_text())["text_encoder"])
         report["probe"] = attribute_probe(model, batch["latents"].float(), batch["text"], encoder,
                                           seed=args.seed, process=process)
+        if args.by_level:
+            report["probe_by_sigma"] = {
+                str(sigma): {attribute: score["accuracy"] for attribute, score in attribute_probe(
+                    model, batch["latents"].float(), batch["text"], encoder, sigmas=(sigma,), seed=args.seed,
+                    process=process).items()}
+                for sigma in PROBE_SIGMAS}
     print(json.dumps(report))
 
 
