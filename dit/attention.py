@@ -121,7 +121,8 @@ def attention(
     Returns (B, heads, Lq, Dh).
     """
     backend = _resolve_backend(q, masked=key_mask is not None)
-    _log_choice(backend, q.device.type, q.dtype)
+    if not torch.compiler.is_compiling():  # a logging call would break a compiled graph in every layer
+        _log_choice(backend, q.device.type, q.dtype)
     if backend == "flash":
         from flash_attn import flash_attn_func
 

@@ -61,16 +61,28 @@ def rope_angles(
     return torch.cat(angles, dim=1).float()  # (L, Dh/2)
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, L, heads, Dh) by e^(i angle); freqs (L, Dh/2) complex64.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, L, heads, Dh) by angle a: cos, sin (L, Dh/2) of a.
 
-    One complex product in float32, cast back, so bf16 activations keep exact relative-position behaviour;
-    freqs is a constant, so autograd keeps no activation for it.
+    In float32, cast back, so bf16 activations keep exact relative-position behaviour; cos and sin are
+    constants, so autograd keeps no activation for them. Eager PyTorch runs it as one complex product
+    (one kernel); under torch.compile it is written in real arithmetic, which inductor fuses into the
+    neighbouring kernels but cannot generate for complex tensors (it would fall back to eager there).
     """
+    if torch.compiler.is_compiling():
+        return rotate_pairs(x, cos, sin)
     pairs = torch.view_as_complex(
         rearrange(x.float(), "b l n (d two) -> b l n d two", two=2)
     )  # (B, L, heads, Dh/2)
-    rotated = torch.view_as_real(pairs * freqs[:, None])  # (B, L, heads, Dh/2, 2)
+    rotated = torch.view_as_real(pairs * torch.complex(cos, sin)[:, None])  # (B, L, heads, Dh/2, 2)
+    return rearrange(rotated, "b l n d two -> b l n (d two)").to(x.dtype)  # (B, L, heads, Dh)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in real arithmetic: (a, b) -> (a cos - b sin, a sin + b cos) per channel pair."""
+    a, b = rearrange(x.float(), "b l n (d two) -> b l n d two", two=2).unbind(-1)  # (B, L, heads, Dh/2) each
+    cos, sin = cos[:, None], sin[:, None]  # (L, 1, Dh/2)
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)  # (B, L, heads, Dh/2, 2)
     return rearrange(rotated, "b l n d two -> b l n (d two)").to(x.dtype)  # (B, L, heads, Dh)
 
 

@@ -177,9 +177,8 @@ class Attention(nn.Module):
         return rearrange(x, "b l (n d) -> b n l d", n=self.num_heads)  # (B, heads, L, Dh)
 
     def forward_self(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        freqs = torch.complex(*rope)  # (L, Dh/2): shared by q and k
-        q = apply_rope(rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", n=self.num_heads), freqs)
-        k = apply_rope(rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", n=self.num_heads), freqs)
+        q = apply_rope(rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", n=self.num_heads), *rope)
+        k = apply_rope(rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", n=self.num_heads), *rope)
         q, k = (rearrange(t, "b l n d -> b n l d") for t in (q, k))  # (B, heads, L, Dh)
         out = self_attention(q, k, self.heads(self.v(x)))  # (B, heads, L, Dh)
         return self.o(rearrange(out, "b n l d -> b l (n d)"))  # (B, L, D)
@@ -255,8 +254,12 @@ def trim_padding(text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Ten
 
     Masked keys change nothing, so this is exact; it matters because encoders pad every prompt to
     max_length (512 for Wan's T5) while captions are tens of tokens, and cross-attention's key/value
-    projections and products would otherwise be paid for the padding in every block.
+    projections and products would otherwise be paid for the padding in every block. Under torch.compile
+    the text is kept whole (masked): the trimmed length depends on the mask's values, which a compiled
+    graph cannot, so it would break the graph and recompile for every new length.
     """
+    if torch.compiler.is_compiling():
+        return text, text_mask
     used, full = torch.stack([text_mask.any(dim=0), text_mask.all(dim=0)]).cpu()  # (S,) each: one device sync
     positions = used.nonzero()  # (n, 1) positions some sample uses
     length = int(positions.max()) + 1 if positions.numel() else 1  # all padding: keep one (masked) position

@@ -6,7 +6,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from dit.layers import apply_rope, patchify, rope_angles, unpatchify
+from dit.layers import apply_rope, patchify, rope_angles, rotate_pairs, unpatchify
 from dit.model import PRESETS, DiT, DiTConfig, trim_padding
 
 
@@ -39,6 +39,17 @@ def test_patchify_unpatchify_is_identity(patch_size):
     assert torch.equal(tokens[0, 0, :3], x[0, :, 0, 0, 0])
 
 
+def test_compiled_forward_is_one_graph_and_matches_eager():
+    # fullgraph=True fails on any graph break (a logging call, a data-dependent length, complex tensors
+    # are what broke it before); the "eager" backend traces without generating code, so this runs in seconds.
+    model = make_model()
+    x, t, text, mask = make_inputs(model.cfg)
+    mask[0, 3:] = False  # padding: eager trims it, the compiled graph keeps it masked
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, text, mask), model(x, t, text, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_patch_embedding_matches_linear_on_patchified_tokens():
     model = make_model(patch_size=(1, 2, 2))
     x, *_ = make_inputs(model.cfg)
@@ -48,15 +59,15 @@ def test_patch_embedding_matches_linear_on_patchified_tokens():
     torch.testing.assert_close(conv, linear, rtol=1e-5, atol=1e-5)
 
 
-def test_rope_scores_depend_only_on_relative_offset():
+@pytest.mark.parametrize("rotate", [apply_rope, rotate_pairs])  # eager's complex form and compile's real one
+def test_rope_scores_depend_only_on_relative_offset(rotate):
     grid, head_dim = (5, 6, 7), 24
     angles = rope_angles(grid, head_dim, 10000.0, torch.device("cpu"))
-    freqs = torch.polar(torch.ones_like(angles), angles)
     g = torch.Generator().manual_seed(0)
     q_vec, k_vec = torch.randn(2, head_dim, generator=g)
     num_tokens = angles.shape[0]
-    q = apply_rope(q_vec.expand(1, num_tokens, 1, head_dim), freqs)[0, :, 0]  # same content at every position
-    k = apply_rope(k_vec.expand(1, num_tokens, 1, head_dim), freqs)[0, :, 0]
+    q = rotate(q_vec.expand(1, num_tokens, 1, head_dim), angles.cos(), angles.sin())[0, :, 0]  # same content everywhere
+    k = rotate(k_vec.expand(1, num_tokens, 1, head_dim), angles.cos(), angles.sin())[0, :, 0]
     scores = q @ k.T  # (L, L)
 
     def index(t, h, w):
