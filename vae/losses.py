@@ -34,7 +34,7 @@ class VAELossConfig:
     """Weight of the mean squared pixel error. L1's pull is the same for every wrong pixel, so a model
     unsure of a small object may erase it; L2 pulls hardest on the largest errors (docs/demo.md)."""
     motion_weight: float = 0.0
-    """Weight of the mean absolute error of frame-to-frame differences (clips only; 0 for stills). Pixel
+    """Weight of the mean absolute error of frame-to-frame differences (clips only: a still has none). Pixel
     losses barely see a shape left one pixel behind within a latent frame's group of frames, so a VAE
     that decodes each group as near-still frames and jumps between groups pays little for it; this term
     pays for the jump itself (docs/demo.md)."""
