@@ -85,6 +85,28 @@ def test_dit_loss_falls_and_export_holds_the_ema_weights(world, tmp_path):
     DiT.from_pretrained(out / "dit")  # generate.py's loader accepts the folder
 
 
+@pytest.mark.slow  # inductor compiles the forward and backward graphs: about a minute on 2 cores
+def test_compiled_dit_training_follows_the_eager_trajectory(world, tmp_path):
+    from train import TrainConfig, Trainer, build_task
+
+    losses = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / str(compiled)
+        cfg = load_config(TrainConfig, None, [
+            "task=dit", f"run_dir={run_dir}", f"vae_path={world['vae']}", f"data.manifest={world['manifest']}",
+            "steps=3", "optim.lr=1e-2", "optim.warmup_steps=1", "ema.decay=0", "dit.text_dim=64",
+            "dit.in_channels=4", "dit.out_channels=4", f"compile={compiled}", "log.every=1",
+            *BUCKETS, "data.buckets.frame_counts=[5]", *QUIET])  # clips only: one batch shape, one compile
+        trainer = Trainer(cfg, build_task(cfg))
+        trainer.run()
+        losses[compiled] = [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        module = trainer.engine.module
+        assert (module._compiled_call_impl is not None) == compiled  # what nn.Module.compile() sets
+        names = dict(module.named_parameters()).keys()
+        assert not any("_orig_mod" in name for name in names)  # compiled in place: the export keeps its names
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 @pytest.mark.slow  # a VAE learns slowly: 25 steps to a clear drop, ~30 s on an idle 2-core box
 def test_vae_loss_falls_with_the_discriminator_on_and_exports_latent_stats(world, tmp_path):
     from train import TrainConfig, Trainer, build_task, export
