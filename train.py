@@ -188,8 +188,9 @@ class LoopConfig:
     """Exponential moving average of the weights."""
     compile: bool = False
     """torch.compile the model in place (nn.Module.compile, so its state dict keeps its names). Each new
-    batch shape compiles on its first step (about a minute for the demo DiT on 2 CPU cores; a second
-    shape turns the batch size dynamic); after that the demo DiT's CPU step is 68 ms instead of 85."""
+    batch shape compiles on its first step, and a compiled DiT keeps padded text (masked) instead of
+    trimming it. For the demo DiT on 2 CPU cores it does not pay: 4 min of compiling, then 83 ms per
+    step against eager's 77 (docs/demo.md); it is for large models on GPUs (untested there yet)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
