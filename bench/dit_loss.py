@@ -13,7 +13,8 @@ motion): it denoises every clip under captions that differ in that word only and
 the lowest loss (the diffusion model as a classifier, Li et al. 2023). Chance is one over the number of
 values (colour 1/6, shape 1/4, size 1/2, motion 1/5); a model that ignores a word scores chance on it
 whatever its samples look like, so the probe separates settings long before the samples do. With
-`--by-level` it is repeated at each of its noise levels alone: where in the denoising a word is read.
+`--by-level` it also scores each of its noise levels alone (from the same losses): where in the
+denoising a word is read.
 
 MODEL_FOLDER is an export (holding dit/ and pipeline.json) or a DiT folder. Flow-matching models only:
 the loss is the mean square error of the predicted velocity (noise - x0) per latent element; an x0-
@@ -74,15 +75,17 @@ def probe_captions(named: dict[str, str | None], attribute: str) -> tuple[list[s
 
 @torch.no_grad()
 def attribute_probe(model, latents: torch.Tensor, texts: list[str], encoder, *, sigmas=PROBE_SIGMAS, seed: int = 0,
-                    process: FlowMatching | None = None) -> dict[str, dict[str, float | int]]:
+                    process: FlowMatching | None = None, by_level: bool = False) -> dict[str, dict]:
     """Latents (N, C, T', H', W') of synthetic-world clips and their captions -> per attribute, the share
     of clips whose own value gives the lowest loss summed over `sigmas` (same noise for every candidate),
-    and how many clips named it."""
+    and how many clips named it; with `by_level`, also that share at each sigma alone ("by_sigma"), from
+    the same losses."""
     from data.evaluate import ATTRIBUTES, parse_prompt
 
     process = process or FlowMatching()
     generator = torch.Generator().manual_seed(seed)
     hits = {attribute: 0 for attribute in ATTRIBUTES}
+    level_hits = {attribute: torch.zeros(len(sigmas)) for attribute in ATTRIBUTES}  # (K,) each
     counts = {attribute: 0 for attribute in ATTRIBUTES}
     t = torch.tensor([sigma * process.num_timesteps for sigma in sigmas])  # (K,)
     for latent, text in zip(latents, texts, strict=True):
@@ -99,11 +102,19 @@ def attribute_probe(model, latents: torch.Tensor, texts: list[str], encoder, *, 
             x_all, t_all = x_t.repeat(v, 1, 1, 1, 1), t.repeat(v)  # (V*K, C, T', H', W'), (V*K,): candidate-major
             pred = model(x_all, t_all, hidden.repeat_interleave(k, 0), mask.repeat_interleave(k, 0))
             pred = process.as_target(pred, x_all, t_all)  # (V*K, C, T', H', W')
-            loss = (pred - target.repeat(v, 1, 1, 1, 1)).square().mean(dim=(1, 2, 3, 4)).reshape(v, k).sum(1)
-            hits[attribute] += int(candidates[int(loss.argmin())] == named[attribute])
+            loss = (pred - target.repeat(v, 1, 1, 1, 1)).square().mean(dim=(1, 2, 3, 4)).reshape(v, k)  # (V, K)
+            own = candidates.index(named[attribute])
+            hits[attribute] += int(int(loss.sum(1).argmin()) == own)
+            level_hits[attribute] += loss.argmin(0) == own  # (K,)
             counts[attribute] += 1
-    return {attribute: {"accuracy": round(hits[attribute] / max(counts[attribute], 1), 3), "clips": counts[attribute]}
-            for attribute in ATTRIBUTES}
+    scores = {}
+    for attribute in ATTRIBUTES:
+        clips = max(counts[attribute], 1)
+        scores[attribute] = {"accuracy": round(hits[attribute] / clips, 3), "clips": counts[attribute]}
+        if by_level:
+            scores[attribute]["by_sigma"] = {str(sigma): round(float(n) / clips, 3)
+                                             for sigma, n in zip(sigmas, level_hits[attribute], strict=True)}
+    return scores
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,13 +156,7 @@ def main(argv: list[str] | None = None) -> None:
 
         encoder = TextEncoder.from_pretrained(json.loads((args.cache / "cache.json").read_text())["text_encoder"])
         report["probe"] = attribute_probe(model, batch["latents"].float(), batch["text"], encoder,
-                                          seed=args.seed, process=process)
-        if args.by_level:
-            report["probe_by_sigma"] = {
-                str(sigma): {attribute: score["accuracy"] for attribute, score in attribute_probe(
-                    model, batch["latents"].float(), batch["text"], encoder, sigmas=(sigma,), seed=args.seed,
-                    process=process).items()}
-                for sigma in PROBE_SIGMAS}
+                                          seed=args.seed, process=process, by_level=args.by_level)
     print(json.dumps(report))
 
 

@@ -57,11 +57,13 @@ def test_probe_finds_every_word_an_oracle_reads_and_chance_for_a_blind_model():
         x0 = torch.stack([clean_latent(parse_prompt(encoder.captions[int(i)])) for i in hidden[:, 0, 0]])
         return (x_t - x0) / (t / 1000).view(-1, 1, 1, 1, 1)
 
+    scores = attribute_probe(oracle, latents, texts, encoder)
     named = [parse_prompt(text) for text in texts]
-    for sigmas in (PROBE_SIGMAS, (0.5,)):  # all levels summed, and one level alone (--by-level)
-        scores = attribute_probe(oracle, latents, texts, encoder, sigmas=sigmas)
-        for attribute in ATTRIBUTES:
-            assert scores[attribute] == {"accuracy": 1.0, "clips": sum(n[attribute] is not None for n in named)}
+    for attribute in ATTRIBUTES:
+        assert scores[attribute] == {"accuracy": 1.0, "clips": sum(n[attribute] is not None for n in named)}
+    by_level = attribute_probe(oracle, latents, texts, encoder, by_level=True)  # each level alone, too
+    for attribute in ATTRIBUTES:
+        assert by_level[attribute]["by_sigma"] == {str(sigma): 1.0 for sigma in PROBE_SIGMAS}
 
     blind = attribute_probe(lambda x_t, *_: torch.zeros_like(x_t), latents, texts, encoder)
     for attribute in ATTRIBUTES:  # every caption ties: the first candidate wins
