@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--fps", type=float, default=None, help="output frame rate; input clips are sampled at it")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--steps", type=int, default=None)
-    sampling.add_argument("--sampler", default=None, help="euler or heun (flow models), ddpm or ddim (DDPM models)")
+    sampling.add_argument("--sampler", default=None, help="euler, heun or euler_a (flow models; euler_a redraws noise every step), ddpm or ddim (DDPM models)")
     sampling.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance; 1 = off")
     sampling.add_argument("--guidance-rescale", type=float, default=None)
     sampling.add_argument("--shift", type=float, default=None, help="flow-matching timestep shift")

@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="--full: which prompts and scenes are drawn")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
-    parser.add_argument("--sampler", choices=("euler", "heun"), default=None,
-                        help="flow sampler (default: the model's); heun calls the model twice per step")
+    parser.add_argument("--sampler", choices=("euler", "heun", "euler_a"), default=None,
+                        help="flow sampler (default: the model's); heun calls the model twice per step, euler_a "
+                             "redraws part of the noise at every step")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default outputs/demo/gallery, or outputs/demo/eval with --full)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

@@ -291,7 +291,7 @@ class GenerationDefaults:
     steps: int = 30
     """Sampler steps."""
     sampler: str = "euler"
-    """Sampler name; it must suit the process (flow: euler, heun; ddpm: ddpm, ddim)."""
+    """Sampler name; it must suit the process (flow: euler, heun, euler_a; ddpm: ddpm, ddim)."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale (1 = off)."""
     guidance_rescale: float = 0.0

@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral, DDIM, flow Euler and flow Heun, with classifier-free and classifier guidance.
+"""Samplers: DDPM ancestral, DDIM, flow Euler, flow Heun and flow ancestral (euler_a), with classifier-free and
+classifier guidance.
 
 One entry point, `sample`, runs a short loop over a time grid; each iteration asks `predict` for the
 (guided) model output and hands it to a pure one-step function. Conditioned positions (a
@@ -8,7 +9,7 @@ Sampler state is float32 whatever the model's dtype.
 Time grids (model timesteps, descending, ending at a terminal value that is never evaluated):
   ddpm / ddim: DDPM step indices, 'leading' (0, k, 2k, ... reversed, k = T // steps) or 'trailing'
                (round(T - i T / steps) - 1, starting at T - 1), then -1 (the clean data).
-  euler / heun: 1000 sigma with sigma uniform from 1 to 0 in `steps` intervals, then shifted.
+  euler / heun / euler_a: 1000 sigma with sigma uniform from 1 to 0 in `steps` intervals, then shifted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dit.conditioning import model_timesteps, position_mask, sdedit_start_step
 from dit.diffusion import DDPM, FlowMatching, Model, Process, draw_noise, num_tokens
 from dit.text_encoder import pad_text
 
-SAMPLERS = {"ddpm": DDPM, "ddim": DDPM, "euler": FlowMatching, "heun": FlowMatching}
+SAMPLERS = {"ddpm": DDPM, "ddim": DDPM, "euler": FlowMatching, "heun": FlowMatching, "euler_a": FlowMatching}
 SPACINGS = ("leading", "trailing")
 DDPM_VARIANCES = ("beta", "beta_tilde")
 
@@ -123,6 +124,24 @@ def ddim_step(
 def euler_step(x: Tensor, velocity: Tensor, *, sigma: float, sigma_next: float) -> Tensor:
     """Flow ODE dx/dsigma = v, one Euler step."""
     return x + (sigma_next - sigma) * velocity
+
+
+def flow_ancestral_step(
+    x: Tensor, velocity: Tensor, *, sigma: float, sigma_next: float, eta: float = 1.0, noise: Tensor | None = None
+) -> Tensor:
+    """DDIM with noise on the flow path x = (1 - sigma) x0 + sigma eps, one step from sigma to sigma_next.
+
+    x_next = (1 - sigma_next) x0 + sqrt(sigma_next^2 - s^2) eps + s z, with x0 and eps read from the
+    velocity and s = eta times the std of the exact posterior q(x_next | x, x0) of this path: for a ratio
+    r = (1 - sigma) / (1 - sigma_next) of signal scales, s = eta * sigma_next * sqrt(sigma^2 - r^2 sigma_next^2) / sigma.
+    eta = 0 is the Euler step exactly; eta = 1 redraws as much noise as the posterior allows, so errors of
+    earlier steps are partly forgotten. `noise` is needed only when s > 0.
+    """
+    x0, eps = x - sigma * velocity, x + (1 - sigma) * velocity
+    ratio = (1 - sigma) / (1 - sigma_next)
+    s = eta * sigma_next * max(sigma**2 - ratio**2 * sigma_next**2, 0.0) ** 0.5 / sigma
+    x_next = (1 - sigma_next) * x0 + max(sigma_next**2 - s**2, 0.0) ** 0.5 * eps
+    return x_next + s * noise if s > 0 else x_next
 
 
 def heun_step(
@@ -243,12 +262,12 @@ def sample(
 ) -> Tensor:
     """Generate clean latents (B, C, T', H', W') from `noise` of that shape.
 
-    sampler: 'ddpm' or 'ddim' with a DDPM process, 'euler' or 'heun' with flow matching.
+    sampler: 'ddpm' or 'ddim' with a DDPM process, 'euler', 'heun' or 'euler_a' with flow matching.
     Classifier-free guidance (guidance_scale != 1) needs the negative prompt's embedding (the empty
     prompt for plain CFG) as neg_text / neg_mask. cond_latents / cond_mask (B, T', H', W') hold the clean
     condition (see dit.conditioning). Video-to-video (SDEdit): init_latents noised to the level of step
     `sdedit_start_step(steps, strength)` and sampled from there. `generator` draws the stochastic
-    samplers' noise (ddpm, ddim with eta > 0).
+    samplers' noise (ddpm, ddim with eta > 0, euler_a).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: must be one of {sorted(SAMPLERS)}")
@@ -293,6 +312,9 @@ def sample(
             x = ddim_step(x, pred, process=process, t=t, t_prev=t_next, eta=eta, noise=noise_step)
         elif sampler == "euler":
             x = euler_step(x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next))
+        elif sampler == "euler_a":
+            noise_step = draw_noise(x, generator) if t_next > 0 else None
+            x = flow_ancestral_step(x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next), noise=noise_step)
         else:
             x = heun_step(
                 x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next),
@@ -320,7 +342,7 @@ class SamplerConfig:
     """How `generate.py` samples; maps onto the keyword arguments of `sample`."""
 
     sampler: str = "euler"
-    """'ddpm' or 'ddim' (DDPM process), 'euler' or 'heun' (flow matching)."""
+    """'ddpm' or 'ddim' (DDPM process), 'euler', 'heun' or 'euler_a' (flow matching)."""
     steps: int = 50
     """Sampler steps; heun calls the model 2 * steps - 1 times."""
     guidance_scale: float = 5.0

@@ -140,7 +140,7 @@ def test_prompts_file_with_mixed_options(model_dir, media, tmp_path):
     (["--mode", "t2i", "--out", "{out}/clip.mp4"], ".png for one frame"),
     (["--num-samples", "2", "--out", "{out}/one.mp4"], "names one file"),
     (["--prompts-file", "{prompts}"], "unknown options"),
-    (["--sampler", "ddim"], "use one of ['euler', 'heun']"),
+    (["--sampler", "ddim"], "use one of ['euler', 'euler_a', 'heun']"),
 ])
 def test_bad_input_exits_2_naming_the_problem_and_leaves_no_file(model_dir, media, tmp_path, capsys, args, message):
     out = tmp_path / "out"

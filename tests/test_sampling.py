@@ -8,7 +8,7 @@ import torch
 from bench.sampling import GaussianMixture, analytic_model
 from dit.conditioning import image_to_video, inpaint
 from dit.diffusion import DDPM, FlowMatching
-from dit.sampling import SamplerConfig, ddpm_timesteps, sample, time_grid
+from dit.sampling import SamplerConfig, ddpm_timesteps, euler_step, flow_ancestral_step, sample, time_grid
 
 B, C, T, H, W = 2, 4, 3, 4, 4
 
@@ -166,8 +166,9 @@ def _mixture_samples(process, sampler, steps, count=8000, **options):
         (DDPM(), "ddim", 100, {"spacing": "trailing"}),
         (FlowMatching(), "heun", 25, {}),
         (FlowMatching(prediction="x0"), "heun", 25, {}),
+        (FlowMatching(shift=3.0), "euler_a", 100, {}),
     ],
-    ids=["ddpm-eps", "ddpm-v-large-variance", "ddim", "heun", "heun-x0"],
+    ids=["ddpm-eps", "ddpm-v-large-variance", "ddim", "heun", "heun-x0", "euler-ancestral"],
 )
 def test_sampler_recovers_mixture_moments(process, sampler, steps, options):
     x = _mixture_samples(process, sampler, steps, **options)
@@ -204,6 +205,42 @@ def test_flow_sampler_is_exact_on_a_straight_path(sampler, shift, prediction):
         torch.testing.assert_close(x, (1 - sigma) * target + sigma * noise, rtol=0, atol=1e-5)
 
 
+def test_flow_ancestral_step_without_noise_is_the_euler_step():
+    x, velocity = _noise(seed=1), _noise(seed=2)
+    for sigma, sigma_next in [(1.0, 0.9), (0.7, 0.3), (0.2, 0.0)]:
+        torch.testing.assert_close(flow_ancestral_step(x, velocity, sigma=sigma, sigma_next=sigma_next, eta=0.0),
+                                   euler_step(x, velocity, sigma=sigma, sigma_next=sigma_next))  # fmt: skip
+
+
+def test_flow_ancestral_keeps_point_data_on_its_path_and_redraws_the_noise():
+    """With the exact model of point data every state is (1 - sigma) x0 + sigma * (unit Gaussian noise): the
+    ancestral step keeps that marginal while replacing the noise (Euler keeps the initial noise), and ends on x0."""
+    point = GaussianMixture(torch.ones(1, dtype=torch.float64), torch.tensor([[0.7]], dtype=torch.float64),
+                            torch.zeros(1, dtype=torch.float64))  # fmt: skip
+    process, count, steps = FlowMatching(shift=3.0), 20000, 6
+    noise = torch.randn(count, 1, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+
+    def carried_noise(sampler):
+        """Per intermediate state, the noise it carries: (x - (1 - sigma) x0) / sigma, flattened."""
+        states = []
+        out = sample(analytic_model(point, process), noise, process=process, sampler=sampler, steps=steps,
+                     text=torch.zeros(count, 1, 1), text_mask=torch.ones(count, 1, dtype=torch.bool),
+                     generator=torch.Generator().manual_seed(1), progress=False, patch_size=(1, 1, 1),
+                     callback=lambda i, t, x: states.append(x.double().flatten()))  # fmt: skip
+        torch.testing.assert_close(out, torch.full_like(out, 0.7), rtol=0, atol=1e-5)
+        sigmas = [t / 1000 for t in time_grid(process, steps)[1:-1]]
+        return [(x - (1 - sigma) * 0.7) / sigma for x, sigma in zip(states, sigmas)]
+
+    def correlation(a):
+        return float(torch.corrcoef(torch.stack([a, noise.double().flatten()]))[0, 1])
+
+    for residual in carried_noise("euler_a"):
+        assert abs(float(residual.mean())) < 4 / count**0.5
+        assert abs(float(residual.std()) - 1) < 0.02
+        assert correlation(residual) < 0.5
+    assert all(correlation(residual) > 0.9999 for residual in carried_noise("euler"))
+
+
 def test_heun_converges_at_second_order_and_euler_at_first():
     gaussian = GaussianMixture(torch.ones(1, dtype=torch.float64), torch.tensor([[0.5]], dtype=torch.float64),
                                torch.tensor([0.3], dtype=torch.float64))  # fmt: skip
@@ -228,7 +265,7 @@ def test_heun_converges_at_second_order_and_euler_at_first():
 # Conditioning, guidance, determinism
 # ---------------------------------------------------------------------------------------------------------
 
-SAMPLERS = ["ddpm", "ddim", "euler", "heun"]
+SAMPLERS = ["ddpm", "ddim", "euler", "heun", "euler_a"]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
