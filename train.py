@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -67,8 +68,19 @@ class OptimConfig:
     """Cosine decay ends at lr * min_lr_ratio on the last step."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    lr_scales: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter name: {regex: scale}, the first pattern `re.search` finds in a
+    name wins, other parameters get 1; 0 freezes. E.g. {"time_conv": 10} for VAE time resamplers that a
+    stills-only stage never trained. Every pattern must match some parameter."""
 
     def __post_init__(self) -> None:
+        for pattern, scale in self.lr_scales.items():
+            if not scale >= 0:
+                raise ValueError(f"lr_scales[{pattern!r}]={scale}: must be >= 0")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"lr_scales: {pattern!r} is not a regular expression ({err})") from None
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr}: must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -238,6 +250,21 @@ def lr_at(step: int, *, optim: OptimConfig, total_steps: int) -> float:
     return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def param_groups(model: torch.nn.Module, lr_scales: dict[str, float]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups, one per learning-rate scale (key "lr_scale"), in the model's order."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    unmatched = dict.fromkeys(lr_scales)
+    for name, param in model.named_parameters():
+        pattern = next((pattern for pattern in lr_scales if re.search(pattern, name)), None)
+        unmatched.pop(pattern, None)
+        groups.setdefault(lr_scales[pattern] if pattern is not None else 1.0, []).append(param)
+    if unmatched:
+        names = [name for name, _ in model.named_parameters()]
+        raise ValueError(f"optim.lr_scales: {list(unmatched)} match no parameter name; names look like "
+                         f"{names[:2] + names[-1:]}")
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 def step_generator(seed: int, *, step: int, micro: int, dp_rank: int) -> torch.Generator:
     """Noise for one micro-batch, derived from (seed, step, micro, rank): a resumed run redraws it exactly.
 
@@ -321,7 +348,8 @@ class Trainer:
         # A torch AdamW, not DeepSpeed's: its fused optimizer is compiled on first use and fails on CPU. Torch's
         # own fused kernel (CPU and CUDA) updates each tensor in one pass; without `fused` torch takes a Python
         # loop of eight small ops per tensor on CPU, which cost the demo DiT a tenth of its step.
-        optimizer = torch.optim.AdamW(task.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        optimizer = torch.optim.AdamW(param_groups(task.model, cfg.optim.lr_scales), lr=cfg.optim.lr,
+                                      betas=tuple(cfg.optim.betas),
                                       eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
         self.engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, config=ds_config)
         if cfg.compile:
@@ -367,7 +395,7 @@ class Trainer:
         cfg = self.cfg
         lr = lr_at(self.step, optim=cfg.optim, total_steps=cfg.steps)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         losses, logs, tokens, micro = [], {}, 0, 0
         while micro < cfg.parallel.grad_accum_steps:
             batch = next(batches)

@@ -218,6 +218,35 @@ class Skipping(Regression):
                 yield batch
 
 
+def test_lr_scales_multiply_each_matching_parameters_first_adam_step(tmp_path):
+    """Adam's first step moves every weight by the learning rate times the sign of its gradient (no weight
+    decay, eps far below every gradient), so the step shows each group's learning rate directly."""
+    from train import Trainer
+
+    cfg = loop_config(tmp_path, **{"optim.lr_scales": {r"^2\.": 10.0, r"^0\.bias": 0.0}, "ema.decay": 0.0,
+                                    "optim.eps": 1e-16})
+    trainer = Trainer(cfg, Regression())
+    before = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
+    lr = trainer.run(until=1)[0]["lr"]
+    assert lr > 0
+    for name, param in trainer.engine.module.named_parameters():
+        scale = 10.0 if name.startswith("2.") else 0.0 if name == "0.bias" else 1.0
+        step = (param.detach() - before[name]).abs()
+        torch.testing.assert_close(step, torch.full_like(step, lr * scale), rtol=1e-3, atol=1e-9)
+
+
+def test_lr_scales_that_match_nothing_or_are_negative_are_refused(tmp_path):
+    from config import ConfigError
+    from train import Trainer, TrainConfig
+
+    with pytest.raises(ValueError, match=r"\['time_conv'\] match no parameter name; names look like \['0.weight'"):
+        Trainer(loop_config(tmp_path, **{"optim.lr_scales": {"time_conv": 10.0}}), Regression())
+    with pytest.raises(ConfigError, match=r"optim: lr_scales\['x'\]=-1.0: must be >= 0"):
+        load_config(TrainConfig, ROOT / "configs/demo/recipe-vae-clips.yaml", overrides=["optim.lr_scales.x=-1"])
+    cfg = load_config(TrainConfig, ROOT / "configs/demo/recipe-vae-clips.yaml", overrides=["optim.lr_scales.t=10"])
+    assert cfg.optim.lr_scales["t"] == 10.0
+
+
 def test_nonfinite_losses_are_skipped_counted_and_leave_the_weights_untouched(tmp_path):
     from train import Trainer
 
