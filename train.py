@@ -70,8 +70,8 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     lr_scales: dict[str, float] = field(default_factory=dict)
     """Learning-rate multipliers by parameter name: {regex: scale}, the first pattern `re.search` finds in a
-    name wins, other parameters get 1; 0 freezes. E.g. {"time_conv": 10} for VAE time resamplers that a
-    stills-only stage never trained. Every pattern must match some parameter."""
+    name wins, other parameters get 1; 0 freezes. E.g. {"decoder.*time_conv": 30} for the VAE decoder's time
+    resamplers, which a stills-only stage never trained. Every pattern must match some parameter."""
 
     def __post_init__(self) -> None:
         for pattern, scale in self.lr_scales.items():

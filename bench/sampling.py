@@ -126,6 +126,7 @@ CASES = [
     ("flow Euler, shift 1", FlowMatching(shift=1.0), "euler", {}, [5, 10, 25, 50, 100]),
     ("flow Euler, shift 3", FlowMatching(shift=3.0), "euler", {}, [5, 10, 25, 50, 100]),
     ("flow Heun, shift 1", FlowMatching(shift=1.0), "heun", {}, [3, 5, 13, 25, 50]),
+    ("flow ancestral (euler_a), shift 3", FlowMatching(shift=3.0), "euler_a", {}, [10, 25, 50, 100, 250]),
 ]
 
 

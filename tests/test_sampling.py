@@ -229,7 +229,7 @@ def test_flow_ancestral_keeps_point_data_on_its_path_and_redraws_the_noise():
                      callback=lambda i, t, x: states.append(x.double().flatten()))  # fmt: skip
         torch.testing.assert_close(out, torch.full_like(out, 0.7), rtol=0, atol=1e-5)
         sigmas = [t / 1000 for t in time_grid(process, steps)[1:-1]]
-        return [(x - (1 - sigma) * 0.7) / sigma for x, sigma in zip(states, sigmas)]
+        return [(x - (1 - sigma) * 0.7) / sigma for x, sigma in zip(states[:-1], sigmas, strict=True)]
 
     def correlation(a):
         return float(torch.corrcoef(torch.stack([a, noise.double().flatten()]))[0, 1])

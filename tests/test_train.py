@@ -237,7 +237,7 @@ def test_lr_scales_multiply_each_matching_parameters_first_adam_step(tmp_path):
 
 def test_lr_scales_that_match_nothing_or_are_negative_are_refused(tmp_path):
     from config import ConfigError
-    from train import Trainer, TrainConfig
+    from train import TrainConfig, Trainer
 
     with pytest.raises(ValueError, match=r"\['time_conv'\] match no parameter name; names look like \['0.weight'"):
         Trainer(loop_config(tmp_path, **{"optim.lr_scales": {"time_conv": 10.0}}), Regression())
