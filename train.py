@@ -326,6 +326,11 @@ class Trainer:
     def __init__(self, cfg: LoopConfig, task: Task, *, config_yaml: str = ""):
         import deepspeed
 
+        if cfg.optim.lr_scales and cfg.parallel.zero_stage > 0:
+            # The groups do train at their rates under ZeRO, but its checkpoint gathering of optimizer state
+            # fails with more than one group (DeepSpeed 0.19: "exp_avg not found in optimizer state fragment").
+            raise ValueError(f"optim.lr_scales needs parallel.zero_stage=0 (got {cfg.parallel.zero_stage}): "
+                             "ZeRO checkpoints of several parameter groups do not save")
         self.cfg, self.task = cfg, task
         self.config_yaml = config_yaml or config_to_yaml(cfg)
         self.run_dir = Path(cfg.run_dir)

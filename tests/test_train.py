@@ -235,12 +235,14 @@ def test_lr_scales_multiply_each_matching_parameters_first_adam_step(tmp_path):
         torch.testing.assert_close(step, torch.full_like(step, lr * scale), rtol=1e-3, atol=1e-9)
 
 
-def test_lr_scales_that_match_nothing_or_are_negative_are_refused(tmp_path):
+def test_lr_scales_that_match_nothing_are_negative_or_meet_zero_are_refused(tmp_path):
     from config import ConfigError
     from train import TrainConfig, Trainer
 
     with pytest.raises(ValueError, match=r"\['time_conv'\] match no parameter name; names look like \['0.weight'"):
         Trainer(loop_config(tmp_path, **{"optim.lr_scales": {"time_conv": 10.0}}), Regression())
+    with pytest.raises(ValueError, match=r"optim.lr_scales needs parallel.zero_stage=0 \(got 2\)"):
+        Trainer(loop_config(tmp_path, **{"optim.lr_scales": {"0": 2.0}, "parallel.zero_stage": 2}), Regression())
     with pytest.raises(ConfigError, match=r"optim: lr_scales\['x'\]=-1.0: must be >= 0"):
         load_config(TrainConfig, ROOT / "configs/demo/recipe-vae-clips.yaml", overrides=["optim.lr_scales.x=-1"])
     cfg = load_config(TrainConfig, ROOT / "configs/demo/recipe-vae-clips.yaml", overrides=["optim.lr_scales.t=10"])
