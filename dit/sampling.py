@@ -127,9 +127,16 @@ def euler_step(x: Tensor, velocity: Tensor, *, sigma: float, sigma_next: float) 
 
 
 def flow_ancestral_step(
-    x: Tensor, velocity: Tensor, *, sigma: float, sigma_next: float, eta: float = 1.0, noise: Tensor | None = None
+    x: Tensor,
+    velocity: Tensor,
+    *,
+    process: FlowMatching,
+    t: float,
+    t_next: float,
+    eta: float = 1.0,
+    noise: Tensor | None = None,
 ) -> Tensor:
-    """DDIM with noise on the flow path x = (1 - sigma) x0 + sigma eps, one step from sigma to sigma_next.
+    """DDIM with noise on the flow path x = (1 - sigma) x0 + sigma eps, one step from t to t_next.
 
     x_next = (1 - sigma_next) x0 + sqrt(sigma_next^2 - s^2) eps + s z, with x0 and eps read from the
     velocity and s = eta times the std of the exact posterior q(x_next | x, x0) of this path: for a ratio
@@ -137,7 +144,8 @@ def flow_ancestral_step(
     eta = 0 is the Euler step exactly; eta = 1 redraws as much noise as the posterior allows, so errors of
     earlier steps are partly forgotten. `noise` is needed only when s > 0.
     """
-    x0, eps = x - sigma * velocity, x + (1 - sigma) * velocity
+    x0, eps = process.to_x0_eps(velocity, x, torch.full((x.shape[0],), t, device=x.device))
+    sigma, sigma_next = process.sigma(t), process.sigma(t_next)
     ratio = (1 - sigma) / (1 - sigma_next)
     s = eta * sigma_next * max(sigma**2 - ratio**2 * sigma_next**2, 0.0) ** 0.5 / sigma
     x_next = (1 - sigma_next) * x0 + max(sigma_next**2 - s**2, 0.0) ** 0.5 * eps
@@ -314,7 +322,7 @@ def sample(
             x = euler_step(x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next))
         elif sampler == "euler_a":
             noise_step = draw_noise(x, generator) if t_next > 0 else None
-            x = flow_ancestral_step(x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next), noise=noise_step)
+            x = flow_ancestral_step(x, pred, process=process, t=t, t_next=t_next, noise=noise_step)
         else:
             x = heun_step(
                 x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next),

@@ -206,10 +206,10 @@ def test_flow_sampler_is_exact_on_a_straight_path(sampler, shift, prediction):
 
 
 def test_flow_ancestral_step_without_noise_is_the_euler_step():
-    x, velocity = _noise(seed=1), _noise(seed=2)
-    for sigma, sigma_next in [(1.0, 0.9), (0.7, 0.3), (0.2, 0.0)]:
-        torch.testing.assert_close(flow_ancestral_step(x, velocity, sigma=sigma, sigma_next=sigma_next, eta=0.0),
-                                   euler_step(x, velocity, sigma=sigma, sigma_next=sigma_next))  # fmt: skip
+    x, velocity, process = _noise(seed=1), _noise(seed=2), FlowMatching()
+    for t, t_next in [(1000.0, 900.0), (700.0, 300.0), (200.0, 0.0)]:
+        torch.testing.assert_close(flow_ancestral_step(x, velocity, process=process, t=t, t_next=t_next, eta=0.0),
+                                   euler_step(x, velocity, sigma=t / 1000, sigma_next=t_next / 1000))  # fmt: skip
 
 
 def test_flow_ancestral_keeps_point_data_on_its_path_and_redraws_the_noise():
