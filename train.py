@@ -251,17 +251,27 @@ def lr_at(step: int, *, optim: OptimConfig, total_steps: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, lr_scales: dict[str, float]) -> list[dict[str, Any]]:
-    """Optimizer parameter groups, one per learning-rate scale (key "lr_scale"), in the model's order."""
+    """Optimizer parameter groups, one per learning-rate scale (key "lr_scale"), in the model's order.
+
+    A scale of 0 freezes: those parameters stop requiring gradients and join no group, so backward skips
+    them (a frozen VAE encoder costs no backward pass at all) and the optimizer holds no state for them.
+    """
     groups: dict[float, list[torch.nn.Parameter]] = {}
     unmatched = dict.fromkeys(lr_scales)
     for name, param in model.named_parameters():
         pattern = next((pattern for pattern in lr_scales if re.search(pattern, name)), None)
         unmatched.pop(pattern, None)
-        groups.setdefault(lr_scales[pattern] if pattern is not None else 1.0, []).append(param)
+        scale = lr_scales[pattern] if pattern is not None else 1.0
+        if scale == 0:
+            param.requires_grad_(False)
+        elif param.requires_grad:
+            groups.setdefault(scale, []).append(param)
     if unmatched:
         names = [name for name, _ in model.named_parameters()]
         raise ValueError(f"optim.lr_scales: {list(unmatched)} match no parameter name; names look like "
                          f"{names[:2] + names[-1:]}")
+    if not groups:
+        raise ValueError(f"optim.lr_scales {dict(lr_scales)} freezes every parameter: nothing would train")
     return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 

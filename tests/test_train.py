@@ -233,6 +233,32 @@ def test_lr_scales_multiply_each_matching_parameters_first_adam_step(tmp_path):
         scale = 10.0 if name.startswith("2.") else 0.0 if name == "0.bias" else 1.0
         step = (param.detach() - before[name]).abs()
         torch.testing.assert_close(step, torch.full_like(step, lr * scale), rtol=1e-3, atol=1e-9)
+    # A 0 scale freezes outright: no gradient is computed for it and the optimizer holds nothing of it.
+    frozen = trainer.engine.module.get_parameter("0.bias")
+    assert not frozen.requires_grad and frozen.grad is None
+    held = {id(p) for group in trainer.engine.optimizer.param_groups for p in group["params"]}
+    assert id(frozen) not in held and id(trainer.engine.module.get_parameter("0.weight")) in held
+
+
+def test_demo_vae_stage_3_freezes_the_encoder_and_speeds_only_the_decoders_time_resamplers():
+    """The regexes of configs/demo/recipe-vae-decoder.yaml against the real parameter names: a typo there
+    would train the encoder (and change the latents the shipped DiT was trained on) or miss the resamplers."""
+    from train import TrainConfig, param_groups
+    from vae.training import VAEWithLoss
+
+    cfg = load_config(TrainConfig, ROOT / "configs/demo/recipe-vae-decoder.yaml")
+    model = VAEWithLoss(cfg.vae, cfg.vae_loss)
+    scale = {id(p): group["lr_scale"] for group in param_groups(model, cfg.optim.lr_scales) for p in group["params"]}
+    resamplers = 0
+    for name, param in model.named_parameters():
+        if name.startswith(("vae.encoder.", "vae.conv1.")):
+            assert not param.requires_grad and id(param) not in scale, name
+        elif name.startswith("vae.decoder.") and "time_conv" in name:
+            resamplers += 1
+            assert scale[id(param)] == 60.0, name
+        else:
+            assert scale[id(param)] == 1.0, name
+    assert resamplers >= 2  # weight and bias of at least one time resampler
 
 
 def test_lr_scales_that_match_nothing_are_negative_or_meet_zero_are_refused(tmp_path):
