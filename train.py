@@ -257,13 +257,14 @@ def param_groups(model: torch.nn.Module, lr_scales: dict[str, float]) -> list[di
     them (a frozen VAE encoder costs no backward pass at all) and the optimizer holds no state for them.
     """
     groups: dict[float, list[torch.nn.Parameter]] = {}
+    frozen: list[torch.nn.Parameter] = []
     unmatched = dict.fromkeys(lr_scales)
     for name, param in model.named_parameters():
         pattern = next((pattern for pattern in lr_scales if re.search(pattern, name)), None)
         unmatched.pop(pattern, None)
         scale = lr_scales[pattern] if pattern is not None else 1.0
         if scale == 0:
-            param.requires_grad_(False)
+            frozen.append(param)
         elif param.requires_grad:
             groups.setdefault(scale, []).append(param)
     if unmatched:
@@ -272,6 +273,8 @@ def param_groups(model: torch.nn.Module, lr_scales: dict[str, float]) -> list[di
                          f"{names[:2] + names[-1:]}")
     if not groups:
         raise ValueError(f"optim.lr_scales {dict(lr_scales)} freezes every parameter: nothing would train")
+    for param in frozen:  # only once the scales are known good: a refused config leaves the model as it was
+        param.requires_grad_(False)
     return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 

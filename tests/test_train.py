@@ -267,8 +267,10 @@ def test_lr_scales_that_match_nothing_are_negative_or_meet_zero_are_refused(tmp_
 
     with pytest.raises(ValueError, match=r"\['time_conv'\] match no parameter name; names look like \['0.weight'"):
         Trainer(loop_config(tmp_path, **{"optim.lr_scales": {"time_conv": 10.0}}), Regression())
+    task = Regression()
     with pytest.raises(ValueError, match="freezes every parameter"):
-        Trainer(loop_config(tmp_path, **{"optim.lr_scales": {".": 0.0}}), Regression())
+        Trainer(loop_config(tmp_path, **{"optim.lr_scales": {".": 0.0}}), task)
+    assert all(p.requires_grad for p in task.model.parameters())  # refused before anything was frozen
     with pytest.raises(ValueError, match=r"optim.lr_scales needs parallel.zero_stage=0 \(got 2\)"):
         Trainer(loop_config(tmp_path, **{"optim.lr_scales": {"0": 2.0}, "parallel.zero_stage": 2}), Regression())
     with pytest.raises(ConfigError, match=r"optim: lr_scales\['x'\]=-1.0: must be >= 0"):
