@@ -561,6 +561,9 @@ class DataConfig:
     batch sizes can change without re-encoding); None keeps the cache's."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    decoded_cache_mb: float = 0
+    """Pixel data: keep decoded files in memory up to this many MiB per process (0 = decode every read).
+    Pays when files are read many times: small sets over many epochs, or stills taken from clips."""
     caption_dropout: float = 0.1
     """DiT: probability of replacing a caption by the empty prompt (trains classifier-free guidance)."""
 
@@ -569,6 +572,8 @@ class DataConfig:
             raise ValueError(f"cache_token_budget={self.cache_token_budget}: must be >= 1 or None")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers}: must be >= 0")
+        if self.decoded_cache_mb < 0:
+            raise ValueError(f"decoded_cache_mb={self.decoded_cache_mb}: must be >= 0 (0 = decode every read)")
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout={self.caption_dropout}: must be in [0, 1]")
 

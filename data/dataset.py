@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -43,7 +45,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.buckets import Bucket, BucketBatchSampler, BucketConfig, derive_seed
 from data.manifest import Record, read_manifest
-from data.video_io import VideoInfo, VideoReadError, clip_indices, read_frames
+from data.video_io import (
+    VideoInfo,
+    VideoReadError,
+    clip_indices,
+    frames_to_tensor,
+    read_frames,
+    read_frames_uint8,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +67,47 @@ class BadDataError(RuntimeError):
         super().__init__(f"{message}{listing}")
 
 
+class DecodedFiles:
+    """Whole decoded files kept in memory as uint8, the least recently used dropped past `budget_mb`.
+
+    For datasets read many times over (many epochs of a small set, or one frame of a clip per sample):
+    each file is decoded once instead of once per read. The frames served are the ones `read_frames`
+    decodes, bit for bit. The budget holds per process: DataLoader workers each keep their own.
+    """
+
+    def __init__(self, budget_mb: float):
+        if budget_mb <= 0:
+            raise ValueError(f"budget_mb={budget_mb}: must be > 0")
+        self.budget = int(budget_mb * 2**20)
+        self.size = 0
+        self.files: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def frames(self, path: str | os.PathLike, num_frames: int, indices: Sequence[int], *,
+               backend: str = "auto") -> np.ndarray:
+        """Frames `indices` of the `num_frames`-frame file at `path`: uint8 (T, H, W, 3)."""
+        key = os.fspath(path)
+        if key in self.files:
+            self.files.move_to_end(key)
+            return self.files[key][list(indices)]
+        try:
+            whole = read_frames_uint8(path, range(num_frames), backend=backend)  # (N, H, W, 3)
+        except VideoReadError:
+            # A file whose tail does not decode may still give the frames asked for: read those alone.
+            return read_frames_uint8(path, indices, backend=backend)
+        if whole.nbytes <= self.budget:
+            self.files[key] = whole
+            self.size += whole.nbytes
+            while self.size > self.budget:
+                self.size -= self.files.popitem(last=False)[1].nbytes
+        return whole[list(indices)]
+
+
 class VideoDataset(Dataset):
-    """Bucketed pixel clips from manifest records; pair it with ``sampler()`` in a DataLoader."""
+    """Bucketed pixel clips from manifest records; pair it with ``sampler()`` in a DataLoader.
+
+    `decoded_cache_mb` > 0 keeps decoded files in memory up to that size (``DecodedFiles``), for data
+    read over and over: the demo VAE's stills stage reads one frame of a clip per sample, 8 times per file.
+    """
 
     def __init__(
         self,
@@ -69,11 +117,15 @@ class VideoDataset(Dataset):
         seed: int = 0,
         max_attempts: int = 8,
         backend: str = "auto",
+        decoded_cache_mb: float = 0,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts}: must be >= 1")
+        if decoded_cache_mb < 0:
+            raise ValueError(f"decoded_cache_mb={decoded_cache_mb}: must be >= 0 (0 = decode on every read)")
         self.records, self.config = list(records), config
         self.seed, self.max_attempts, self.backend = seed, max_attempts, backend
+        self.decoded = DecodedFiles(decoded_cache_mb) if decoded_cache_mb else None
         self.epoch = 0
         # Files share metadata (a few sizes and rates, many repeated lengths), so assign each
         # distinct (frames, fps, height, width) once: a million-record manifest loads in seconds.
@@ -161,7 +213,11 @@ class VideoDataset(Dataset):
         span = clip_indices(info, bucket.num_frames, fps=fps)[-1] + 1  # source frames the clip covers
         start = int(torch.randint(record.num_frames - span + 1, (1,), generator=generator))
         indices = clip_indices(info, bucket.num_frames, fps=fps, start=start)
-        video = read_frames(record.path, indices, backend=self.backend)  # (3, T, h, w)
+        if self.decoded is None:
+            video = read_frames(record.path, indices, backend=self.backend)  # (3, T, h, w)
+        else:
+            video = frames_to_tensor(self.decoded.frames(record.path, record.num_frames, indices,
+                                                         backend=self.backend))  # (3, T, h, w)
         return resize_and_crop(video, bucket.height, bucket.width)  # (3, T, H, W)
 
 

@@ -110,7 +110,7 @@ def _check_exists(path: pathlib.Path) -> None:
         raise VideoReadError(path, "no such file" if not path.exists() else "not a regular file")
 
 
-def _to_tensor(frames: np.ndarray) -> torch.Tensor:
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 frames (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1]."""
     video = torch.from_numpy(np.ascontiguousarray(frames)).float()  # (T, H, W, 3)
     video = rearrange(video, "t h w c -> c t h w")  # (3, T, H, W)
@@ -305,6 +305,11 @@ def clip_indices(info: VideoInfo, num_frames: int, *, fps: float | None = None, 
 
 def read_frames(path: str | os.PathLike, indices: Sequence[int], *, backend: str = "auto") -> torch.Tensor:
     """The frames at `indices` (any order, repeats allowed) as float32 (3, T, H, W) in [-1, 1]."""
+    return frames_to_tensor(read_frames_uint8(path, indices, backend=backend))  # (3, T, H, W)
+
+
+def read_frames_uint8(path: str | os.PathLike, indices: Sequence[int], *, backend: str = "auto") -> np.ndarray:
+    """`read_frames` as decoded: uint8 (T, H, W, 3), a quarter of the float32 size (for keeping in memory)."""
     path = pathlib.Path(path)
     chosen = _resolve_backend(path, backend)
     indices = [int(index) for index in indices]
@@ -328,7 +333,7 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], *, backend: str
             frames = _read_pyav(path, indices)  # (T, H, W, 3)
     else:
         frames = _read_pyav(path, indices)  # (T, H, W, 3)
-    return _to_tensor(frames)  # (3, T, H, W)
+    return frames  # (T, H, W, 3)
 
 
 def read_clip(path: str | os.PathLike, num_frames: int, *, fps: float | None = None, start: int = 0,

@@ -48,7 +48,9 @@ class DiTTask(StreamTask):
         if cfg.data.latent_cache:
             dataset, collate = CachedLatentDataset(cfg.data.latent_cache, token_budget=cfg.data.cache_token_budget), collate_latents
         else:
-            dataset, collate = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed), collate_samples
+            dataset = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed,
+                                                  decoded_cache_mb=cfg.data.decoded_cache_mb)
+            collate = collate_samples
         self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate, num_workers=cfg.data.num_workers)
 
     @torch.no_grad()

@@ -212,3 +212,43 @@ def test_the_documented_resume_loop_survives_a_prefetching_worker(media):
     state, first = run(None, stop_after=2)
     _, rest = run(state, stop_after=None)
     assert first + rest == whole and len(whole) == len(records)
+
+
+def test_decoded_cache_serves_the_same_samples_and_keeps_within_its_budget(media, monkeypatch):
+    """With decoded_cache_mb every sample is bit for bit the uncached one, each file is decoded once however
+    often it is read, the budget drops the least recently used file, a file over the budget is never kept,
+    and a file that does not decode whole still gives the frames asked for."""
+    import data.dataset as dataset_module
+
+    records = [*media["good"], media["image"]]
+    config = BucketConfig(**{**CONFIG.__dict__, "frame_counts": [1]})  # stills from clips: many reads per file
+    plain = VideoDataset(records, config, seed=3)
+    decodes = []
+    real = dataset_module.read_frames_uint8
+    monkeypatch.setattr(dataset_module, "read_frames_uint8",
+                        lambda path, indices, **kw: decodes.append(path) or real(path, indices, **kw))
+    cached = VideoDataset(records, config, seed=3, decoded_cache_mb=64)
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for index in range(len(records)):
+            assert torch.equal(cached[index]["video"], plain[index]["video"])
+    assert sorted(decodes) == sorted(r.path for r in records)  # 3 epochs, one decode per file
+    clip_bytes = SOURCE_FRAMES * 48 * 48 * 3
+
+    small = dataset_module.DecodedFiles(budget_mb=2.5 * clip_bytes / 2**20)  # room for two clips
+    for record in media["good"]:
+        small.frames(record.path, record.num_frames, [0])
+    assert list(small.files) == [media["good"][1].path, media["good"][2].path] and small.size == 2 * clip_bytes
+    small.frames(media["good"][1].path, SOURCE_FRAMES, [0])  # a hit makes it the most recent
+    small.frames(media["good"][0].path, SOURCE_FRAMES, [0])
+    assert list(small.files) == [media["good"][1].path, media["good"][0].path]
+    tiny = dataset_module.DecodedFiles(budget_mb=0.5 * clip_bytes / 2**20)
+    assert tiny.frames(media["good"][0].path, SOURCE_FRAMES, [4, 2]).shape == (2, 48, 48, 3) and not tiny.files
+
+    decodes.clear()  # a manifest that promises more frames than the file has: the frames asked for still come
+    early = tiny.frames(media["good"][0].path, SOURCE_FRAMES + 10, [3])
+    assert torch.equal(torch.from_numpy(early), torch.from_numpy(real(media["good"][0].path, [3])))
+    assert not tiny.files and len(decodes) == 2  # the whole file failed, then frame 3 alone
+    with pytest.raises(ValueError, match="decoded_cache_mb=-1: must be >= 0"):
+        VideoDataset(records, config, decoded_cache_mb=-1)

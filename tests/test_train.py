@@ -279,6 +279,16 @@ def test_lr_scales_that_match_nothing_are_negative_or_meet_zero_are_refused(tmp_
     assert cfg.optim.lr_scales["t"] == 10.0
 
 
+def test_decoded_cache_setting_is_read_and_checked():
+    from config import ConfigError
+    from train import TrainConfig
+
+    cfg = load_config(TrainConfig, ROOT / "configs/demo/recipe-vae.yaml")
+    assert cfg.data.decoded_cache_mb == 512  # the stills stage reads each file about 8 times
+    with pytest.raises(ConfigError, match=r"decoded_cache_mb=-1.0: must be >= 0"):
+        load_config(TrainConfig, ROOT / "configs/demo/recipe-vae.yaml", overrides=["data.decoded_cache_mb=-1"])
+
+
 def test_nonfinite_losses_are_skipped_counted_and_leave_the_weights_untouched(tmp_path):
     from train import Trainer
 

@@ -211,3 +211,17 @@ def test_dit_with_sequence_parallel_on_two_ranks_matches_one_process(world, tmp_
     # its size (lr=1e-2 here), hence the absolute tolerance; a wrong gradient moves weights by ~1e-2.
     for name, value in trainer.ema.weights.items():
         torch.testing.assert_close(torch.tensor(result["ema"][name]), value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["vae", "dit"])
+def test_decoded_cache_setting_reaches_the_pixel_dataset(world, tmp_path, task):
+    from train import TrainConfig, build_task
+
+    def dataset(*overrides: str):
+        cfg = load_config(TrainConfig, None, [
+            f"task={task}", f"run_dir={tmp_path}", f"vae_path={world['vae']}", f"data.manifest={world['manifest']}",
+            "dit.text_dim=64", "dit.in_channels=4", "dit.out_channels=4", *BUCKETS, *QUIET, *overrides])
+        return build_task(cfg).stream.dataset
+
+    assert dataset().decoded is None  # off by default: large datasets read each file once an epoch
+    assert dataset("data.decoded_cache_mb=8").decoded.budget == 8 * 2**20

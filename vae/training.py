@@ -61,7 +61,8 @@ class VAETask(StreamTask):
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = VAEWithLoss(cfg.vae, cfg.vae_loss)
-        dataset = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed)
+        dataset = VideoDataset.from_manifest(cfg.data.manifest, cfg.data.buckets, seed=cfg.seed,
+                                              decoded_cache_mb=cfg.data.decoded_cache_mb)
         self.stream = BucketStream(dataset, seed=cfg.seed, collate=collate_samples, num_workers=cfg.data.num_workers)
         self.media_batch: torch.Tensor | None = None
 
