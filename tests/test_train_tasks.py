@@ -158,6 +158,31 @@ def test_init_from_starts_a_run_from_saved_weights_with_a_fresh_optimizer(world,
         build_task(load_config(TrainConfig, None, [*vae_run, f"run_dir={tmp_path / 'c'}", f"init_from={tmp_path}"]))
 
 
+def test_a_run_with_its_encoder_frozen_exports_init_froms_latent_stats(world, tmp_path):
+    """Freezing the encoder and moments projection keeps the latents init_from's, so the export carries
+    init_from's statistics instead of measuring them; any trainable encoder weight means measuring again."""
+    import dataclasses
+
+    from train import TrainConfig, Trainer, build_task
+    from vae.model import CausalVAE
+
+    source = CausalVAE.from_pretrained(world["vae"])
+    channels = source.cfg.latent_channels
+    marked = CausalVAE(dataclasses.replace(source.cfg, latents_mean=[0.25] * channels, latents_std=[3.0] * channels))
+    marked.load_state_dict(source.state_dict())
+    marked.save_pretrained(tmp_path / "marked")
+    run = ["task=vae", f"data.manifest={world['manifest']}", "steps=1", "ema.decay=0", "vae_loss.disc_weight=0",
+           f"init_from={tmp_path / 'marked'}", "vae_stats_clips=2", *BUCKETS, *QUIET]  # fmt: skip
+    stats = {}
+    for frozen in (r"vae\.(encoder|conv1)\.", r"vae\.encoder\."):
+        cfg = load_config(TrainConfig, None, [*run, f"run_dir={tmp_path / str(len(stats))}"])
+        cfg.optim.lr_scales = {frozen: 0.0}
+        Trainer(cfg, build_task(cfg)).run()
+        stats[frozen] = json.loads((Path(cfg.run_dir) / "latent_stats.json").read_text())
+    assert stats[r"vae\.(encoder|conv1)\."] == {"mean": [0.25] * channels, "std": [3.0] * channels}
+    assert stats[r"vae\.encoder\."]["std"] != [3.0] * channels  # conv1 trained: measured afresh
+
+
 def sp_worker(overrides_json: str) -> None:
     """One rank of a DiT run with the given overrides; rank 0 writes the losses and final EMA weights."""
     from dit import parallel

@@ -105,11 +105,30 @@ class VAETask(StreamTask):
         """Per-channel latent statistics of the exported weights over the training data (vae/stats.py)."""
         from vae.stats import compute_latent_stats, manifest_clips
 
-        bucket = max(self.cfg.data.buckets.buckets(), key=self.cfg.data.buckets.tokens)
-        clips = manifest_clips(Path(self.cfg.data.manifest), num_clips=self.cfg.vae_stats_clips,
-                               frames=bucket.num_frames, size=min(bucket.height, bucket.width), seed=self.cfg.seed)
-        mean, std = compute_latent_stats(self._vae(weights), (clip.to(self.device) for clip in clips))
-        (run_dir / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std}, indent=2))
+        stats = self._carried_stats()
+        if stats is None:
+            bucket = max(self.cfg.data.buckets.buckets(), key=self.cfg.data.buckets.tokens)
+            clips = manifest_clips(Path(self.cfg.data.manifest), num_clips=self.cfg.vae_stats_clips,
+                                   frames=bucket.num_frames, size=min(bucket.height, bucket.width), seed=self.cfg.seed)
+            mean, std = compute_latent_stats(self._vae(weights), (clip.to(self.device) for clip in clips))
+            stats = {"mean": mean, "std": std}
+        (run_dir / "latent_stats.json").write_text(json.dumps(stats, indent=2))
+
+    def _carried_stats(self) -> dict[str, list[float]] | None:
+        """init_from's latent statistics when this run froze everything that makes the latents (the encoder
+        and the moments projection `conv1`, e.g. `optim.lr_scales` 0 for them): its latents are init_from's,
+        so measuring them again would only repeat its numbers. None otherwise, or when init_from has none."""
+        if not self.cfg.init_from:
+            return None
+        vae = self.model.vae
+        if any(p.requires_grad for p in (*vae.encoder.parameters(), *vae.conv1.parameters())):
+            return None
+        folder = Path(self.cfg.init_from)
+        folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+        saved = json.loads((folder / "config.json").read_text())
+        if saved.get("latents_mean") is None:
+            return None
+        return {"mean": saved["latents_mean"], "std": saved["latents_std"]}
 
 
 def vae_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
