@@ -238,16 +238,18 @@ def _files_digest(folder: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-OPEN_SHARDS = 64  # shard readers a CachedLatentDataset keeps open per process
-
-
 class CachedLatentDataset(Dataset):
     """Samples of a finished cache, bucketed by latent shape; batch it with ``sampler()``."""
 
     def __init__(
-        self, folder: str | os.PathLike, config: BucketConfig | None = None, *, token_budget: int | None = None
+        self, folder: str | os.PathLike, config: BucketConfig | None = None, *, token_budget: int | None = None,
+        open_shards: int = 64,
     ) -> None:
-        """`config` replaces the stored bucket grid; `token_budget` replaces only its batch token budget."""
+        """`config` replaces the stored bucket grid; `token_budget` replaces only its batch token budget;
+        `open_shards` shard readers stay open per process between samples (0: open the shard every sample)."""
+        if open_shards < 0:
+            raise ValueError(f"open_shards={open_shards}: must be >= 0")
+        self.open_shards = open_shards
         from safetensors import safe_open
 
         self.folder = pathlib.Path(folder)
@@ -282,7 +284,7 @@ class CachedLatentDataset(Dataset):
             self.failed += json.loads(metadata["failed"])
         self._shards: OrderedDict[pathlib.Path, object] = OrderedDict()
         """Open shard readers, most recently used last, made on first use in each process (a reader does not
-        pickle); at most OPEN_SHARDS, so a cache of thousands of shards stays within the open-file limit."""
+        pickle); at most `open_shards`, so a cache of thousands of shards stays within the open-file limit."""
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_shards": OrderedDict()}  # DataLoader workers open their own readers
@@ -306,9 +308,9 @@ class CachedLatentDataset(Dataset):
         shard = self._shards.get(path)
         if shard is None:
             shard = self._shards[path] = safe_open(str(path), framework="pt")
-            if len(self._shards) > OPEN_SHARDS:
-                self._shards.popitem(last=False)
         self._shards.move_to_end(path)
+        while len(self._shards) > self.open_shards:
+            self._shards.popitem(last=False)
         return {
             "latents": shard.get_tensor(f"{j}.latents"),  # (C, T', H', W')
             "text_hidden": shard.get_tensor(f"{j}.text_hidden"),  # (S, Dt)

@@ -199,20 +199,19 @@ def test_the_command_line_caches_with_the_real_vae_and_text_encoder(tmp_path):
         main([*argv, "--device", "cpu", "--buckets", "debug"])
 
 
-def test_open_shard_readers_are_bounded_and_do_not_travel_to_workers(records, tmp_path, monkeypatch):
-    """The dataset keeps shard readers open between samples (at most OPEN_SHARDS, least recently used
-    closed first) and serves the same samples as a fresh reader; a pickled copy (a spawned DataLoader
+def test_open_shard_readers_are_bounded_and_do_not_travel_to_workers(records, tmp_path):
+    """The dataset keeps shard readers open between samples (at most `open_shards`, least recently used
+    closed first; 0 opens the shard for every sample) and serves the same samples as a fresh reader; a pickled copy (a spawned DataLoader
     worker) starts with none and opens its own."""
     import pickle
 
-    import data.cache as cache_module
-
-    monkeypatch.setattr(cache_module, "OPEN_SHARDS", 2)
-    cache = CachedLatentDataset(build(records, tmp_path / "cache"))  # 6 samples in 3 shards of 2
+    folder = build(records, tmp_path / "cache")  # 6 samples in 3 shards of 2
+    cache, reopening = CachedLatentDataset(folder, open_shards=2), CachedLatentDataset(folder, open_shards=0)
     for index in (0, 2, 4, 1):
         path, position, _ = cache.entries[index]
         with safe_open(str(path), framework="pt") as shard:
             assert torch.equal(cache[index]["latents"], shard.get_tensor(f"{position}.latents"))
+        assert torch.equal(reopening[index]["latents"], cache[index]["latents"]) and not reopening._shards
     assert list(cache._shards) == [cache.entries[4][0], cache.entries[0][0]]
     copy = pickle.loads(pickle.dumps(cache))
     assert not copy._shards and torch.equal(copy[5]["text_hidden"], cache[5]["text_hidden"])
