@@ -166,6 +166,13 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Folders on disk
 # ----------------------------------------------------------------------------------------------------
+def model_folder(folder: str | os.PathLike, *, part: str) -> Path:
+    """The folder holding `part`'s weights: `folder` itself (a `save_pretrained` folder) or its `part`/
+    (an export holding several parts)."""
+    folder = Path(folder)
+    return folder / part if (folder / part / "model.safetensors").is_file() else folder
+
+
 def load_model_folder(model: torch.nn.Module, folder: str | os.PathLike, *, part: str) -> Path:
     """Copy the weights of a saved model folder (`save_pretrained`, or an export holding `part`/) into `model`.
 
@@ -174,9 +181,7 @@ def load_model_folder(model: torch.nn.Module, folder: str | os.PathLike, *, part
     """
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if (folder / part / "model.safetensors").is_file():
-        folder = folder / part
+    folder = model_folder(folder, part=part)
     path = folder / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"init_from={folder}: no model.safetensors there or in {folder / part}")

@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.data.latent_cache:
         from data.cache import CachedLatentDataset, collate_latents
 
-        def latents(open_shards: int) -> Callable[[], object]:
+        def latents(**options: int) -> Callable[[], object]:
             return lambda: CachedLatentDataset(cfg.data.latent_cache, token_budget=cfg.data.cache_token_budget,
-                                               open_shards=open_shards)
+                                               **options)
 
-        passes = [("reopen every sample", latents(0)), ("shard readers kept open", latents(64))]
+        passes = [("reopen every sample", latents(open_shards=0)), ("shard readers kept open", latents())]
         collate = collate_latents
     else:
         if not cfg.data.manifest:

@@ -81,6 +81,8 @@ class DecodedFiles:
         self.budget = int(budget_mb * 2**20)
         self.size = 0
         self.files: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.partial: set[str] = set()
+        """Files that did not decode whole: read frame by frame from then on, not tried whole again."""
 
     def frames(self, path: str | os.PathLike, num_frames: int, indices: Sequence[int], *,
                backend: str = "auto") -> np.ndarray:
@@ -89,10 +91,13 @@ class DecodedFiles:
         if key in self.files:
             self.files.move_to_end(key)
             return self.files[key][list(indices)]
+        if key in self.partial:
+            return read_frames_uint8(path, indices, backend=backend)
         try:
             whole = read_frames_uint8(path, range(num_frames), backend=backend)  # (N, H, W, 3)
         except VideoReadError:
             # A file whose tail does not decode may still give the frames asked for: read those alone.
+            self.partial.add(key)
             return read_frames_uint8(path, indices, backend=backend)
         if whole.nbytes <= self.budget:
             self.files[key] = whole

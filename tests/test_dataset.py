@@ -250,5 +250,7 @@ def test_decoded_cache_serves_the_same_samples_and_keeps_within_its_budget(media
     early = tiny.frames(media["good"][0].path, SOURCE_FRAMES + 10, [3])
     assert torch.equal(torch.from_numpy(early), torch.from_numpy(real(media["good"][0].path, [3])))
     assert not tiny.files and len(decodes) == 2  # the whole file failed, then frame 3 alone
+    tiny.frames(media["good"][0].path, SOURCE_FRAMES + 10, [5])
+    assert len(decodes) == 3  # not tried whole again
     with pytest.raises(ValueError, match="decoded_cache_mb=-1: must be >= 0"):
         VideoDataset(records, config, decoded_cache_mb=-1)

@@ -118,17 +118,18 @@ class VAETask(StreamTask):
         """init_from's latent statistics when this run froze everything that makes the latents (the encoder
         and the moments projection `conv1`, e.g. `optim.lr_scales` 0 for them): its latents are init_from's,
         so measuring them again would only repeat its numbers. None otherwise, or when init_from has none."""
+        import checkpoint as ckpt
+        from vae.model import VAEConfig
+
         if not self.cfg.init_from:
             return None
         vae = self.model.vae
         if any(p.requires_grad for p in (*vae.encoder.parameters(), *vae.conv1.parameters())):
             return None
-        folder = Path(self.cfg.init_from)
-        folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
-        saved = json.loads((folder / "config.json").read_text())
-        if saved.get("latents_mean") is None:
+        saved = VAEConfig.from_json(ckpt.model_folder(self.cfg.init_from, part="vae") / "config.json")
+        if saved.latents_mean is None:
             return None
-        return {"mean": saved["latents_mean"], "std": saved["latents_std"]}
+        return {"mean": saved.latents_mean, "std": saved.latents_std}
 
 
 def vae_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
