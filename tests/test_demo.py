@@ -93,9 +93,7 @@ def test_shipped_weights_are_small_and_load_as_float32():
 @needs_weights
 @pytest.mark.parametrize("prompt,seed", [
     ("a large red circle moving left on a black background", 0),
-    pytest.param("a small blue square moving down on a white background", 1, marks=pytest.mark.xfail(
-        strict=True, reason="from text, shapes and motion are read right 38-65% of the time (docs/demo.md, 'What is "
-                            "missing'); strict, so a model that passes must drop this mark")),
+    ("a small blue square moving down on a white background", 1),
 ])
 def test_shipped_weights_follow_the_prompt(prompt: str, seed: int):
     """The shipped model, loaded as generate.py loads it, shows what the prompt names."""
