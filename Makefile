@@ -33,7 +33,6 @@ demo-eval: $(STAMP)
 # DIT_STEPS overrides the DiT's steps (configs/demo/recipe-dit.yaml: 34500, the shipped weights, about 57 min
 # in all); `make demo-train DIT_STEPS=11500` is the recipe that fits 30 minutes, and follows prompts less well.
 DEMO := outputs/demo
-DIT_STEPS ?=
 demo-train: SHELL := /bin/bash
 demo-train: $(STAMP)
 	rm -rf $(DEMO)/synth $(DEMO)/vae $(DEMO)/vae-clips $(DEMO)/vae-decoder $(DEMO)/cache $(DEMO)/dit
