@@ -26,8 +26,9 @@ demo-eval: $(STAMP)
 	$(BIN)/python -m bench.demo --full --per-group 100
 
 # The recipe of weights/demo, from nothing: render the synthetic world, train the VAE (stills, then whole
-# 17-frame clips from that export, then the decoder's motion between latent frames with the encoder frozen;
-# latent statistics are measured at the end of each), cache latents and text embeddings, train the DiT,
+# 17-frame clips from that export, then the decoder's motion between latent frames and then its small moving
+# shapes, both with the encoder frozen; latent statistics come from stage 2), cache latents and text
+# embeddings, train the DiT,
 # ship its export. Each stage prints its time. On a machine shared with other
 # jobs, OMP_NUM_THREADS=1 make demo-train is faster (OpenMP threads spin waiting for busy cores).
 # DIT_STEPS overrides the DiT's steps (configs/demo/recipe-dit.yaml: 34500, the shipped weights, about 57 min
@@ -35,14 +36,16 @@ demo-eval: $(STAMP)
 DEMO := outputs/demo
 demo-train: SHELL := /bin/bash
 demo-train: $(STAMP)
-	rm -rf $(DEMO)/synth $(DEMO)/vae $(DEMO)/vae-clips $(DEMO)/vae-decoder $(DEMO)/cache $(DEMO)/dit
+	rm -rf $(DEMO)/synth $(DEMO)/vae $(DEMO)/vae-clips $(DEMO)/vae-decoder $(DEMO)/vae-sharpen $(DEMO)/cache \
+		$(DEMO)/dit
 	time $(BIN)/python -m data.synthetic --out $(DEMO)/synth --clips 1500 --images 400 --heldout 0 \
 		--frames 17 --size 64 --seed 0
 	time $(BIN)/python train.py --config configs/demo/recipe-vae.yaml
 	time $(BIN)/python train.py --config configs/demo/recipe-vae-clips.yaml
 	time $(BIN)/python train.py --config configs/demo/recipe-vae-decoder.yaml
+	time $(BIN)/python train.py --config configs/demo/recipe-vae-sharpen.yaml
 	time $(BIN)/python -m data.cache --manifest $(DEMO)/synth/manifest.csv \
-		--vae $(DEMO)/vae-decoder/export/vae --out $(DEMO)/cache --buckets demo --decode-workers 1
+		--vae $(DEMO)/vae-sharpen/export/vae --out $(DEMO)/cache --buckets demo --decode-workers 1
 	time $(BIN)/python train.py --config configs/demo/recipe-dit.yaml $(if $(DIT_STEPS),steps=$(DIT_STEPS))
 	rm -rf weights/demo && mkdir -p weights && cp -r $(DEMO)/dit/export weights/demo
 	# Shipped in float16 (8 MB instead of 17): the pipeline loads it into float32 models.

@@ -240,13 +240,17 @@ def test_lr_scales_multiply_each_matching_parameters_first_adam_step(tmp_path):
     assert id(frozen) not in held and id(trainer.engine.module.get_parameter("0.weight")) in held
 
 
-def test_demo_vae_stage_3_freezes_the_encoder_and_speeds_only_the_decoders_time_resamplers():
-    """The regexes of configs/demo/recipe-vae-decoder.yaml against the real parameter names: a typo there
-    would train the encoder (and change the latents the shipped DiT was trained on) or miss the resamplers."""
+@pytest.mark.parametrize(("stage", "resampler_scale"), [("decoder", 60.0), ("sharpen", 30.0)])
+def test_demo_vae_stages_3_and_4_freeze_the_encoder_and_speed_only_the_decoders_time_resamplers(
+    stage, resampler_scale
+):
+    """The regexes of configs/demo/recipe-vae-{decoder,sharpen}.yaml against the real parameter names: a typo
+    there would train the encoder (and change the latents the shipped DiT was trained on) or miss the
+    resamplers."""
     from train import TrainConfig, param_groups
     from vae.training import VAEWithLoss
 
-    cfg = load_config(TrainConfig, ROOT / "configs/demo/recipe-vae-decoder.yaml")
+    cfg = load_config(TrainConfig, ROOT / f"configs/demo/recipe-vae-{stage}.yaml")
     model = VAEWithLoss(cfg.vae, cfg.vae_loss)
     scale = {id(p): group["lr_scale"] for group in param_groups(model, cfg.optim.lr_scales) for p in group["params"]}
     resamplers = 0
@@ -255,7 +259,7 @@ def test_demo_vae_stage_3_freezes_the_encoder_and_speeds_only_the_decoders_time_
             assert not param.requires_grad and id(param) not in scale, name
         elif name.startswith("vae.decoder.") and "time_conv" in name:
             resamplers += 1
-            assert scale[id(param)] == 60.0, name
+            assert scale[id(param)] == resampler_scale, name
         else:
             assert scale[id(param)] == 1.0, name
     assert resamplers >= 2  # weight and bias of at least one time resampler

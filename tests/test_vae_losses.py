@@ -69,6 +69,24 @@ def test_motion_term_pays_for_frames_held_and_not_for_a_constant_offset():
     assert "motion" not in logs  # a still has no frame differences
 
 
+def test_edge_term_pays_for_a_softened_edge_and_not_for_a_constant_offset():
+    posterior = DiagonalGaussian(torch.zeros(1, 8, 1, 2, 2))
+    only_edge = VAELoss(VAELossConfig(l1_weight=0.0, edge_weight=1.0, ssim_weight=0.0, kl_weight=0.0,
+                                      disc_weight=0.0))  # fmt: skip
+    square = torch.full((1, 3, 2, 4, 4), -1.0)
+    square[..., 1:3, 1:3] = 1.0  # a 2x2 square on a 4x4 frame, in both frames
+    total, logs = only_edge(square, square - 0.5, posterior, step=0)
+    assert total == 0 and logs["edge"] == 0  # the same edges, darker: only the pixel terms see it
+    soft = square.clone()
+    soft[..., 1, 1] = 0.0  # one corner pixel halfway to the background
+    # That pixel's error (-1) reaches the 2 horizontal and 2 vertical differences around it, each of the
+    # 12 per direction per channel and frame: mean 2/12 across, 2/12 down.
+    total, logs = only_edge(square, soft, posterior, step=0)
+    assert torch.allclose(logs["edge"], torch.tensor(2 / 12)) and total == logs["edge"]
+    _, logs = VAELoss(VAELossConfig(ssim_weight=0.0, disc_weight=0.0))(square, soft, posterior, step=0)
+    assert "edge" not in logs  # off by default: the term is not computed
+
+
 class ConstantLogits(nn.Module):
     """A stand-in discriminator: logit `real` for the real batch (first call), `fake` otherwise."""
 

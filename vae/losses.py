@@ -1,5 +1,5 @@
-"""Training losses for the causal VAE: L1 (+ L2, + frame differences) + (1 - SSIM) reconstruction, KL, and a 3D patch
-discriminator with hinge loss that switches on after a warm-up step.
+"""Training losses for the causal VAE: L1 (+ L2, + frame and pixel differences) + (1 - SSIM) reconstruction,
+KL, and a 3D patch discriminator with hinge loss that switches on after a warm-up step.
 
 Everything works per frame or with time padding, so images (T = 1) and clips share one run.
 
@@ -38,6 +38,11 @@ class VAELossConfig:
     losses barely see a shape left one pixel behind within a latent frame's group of frames, so a VAE
     that decodes each group as near-still frames and jumps between groups pays little for it; this term
     pays for the jump itself (docs/demo.md)."""
+    edge_weight: float = 0.0
+    """Weight of the mean absolute error of horizontal and vertical pixel differences (the spatial twin of
+    `motion_weight`). A small shape whose corners come back rounded differs from its original in a few
+    rim pixels, which the pixel terms average away over the frame; this term pays for every edge drawn
+    softer or in the wrong place, and nothing for a flat colour offset (docs/demo.md)."""
     ssim_weight: float = 0.2
     """Weight of 1 - SSIM (per frame, 11x11 Gaussian window); 0 switches it off."""
     kl_weight: float = 1e-6
@@ -52,7 +57,8 @@ class VAELossConfig:
     """Strided layers in the discriminator; each halves H and W (frames need >= 2**disc_layers pixels)."""
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "l2_weight", "motion_weight", "ssim_weight", "kl_weight", "disc_weight", "disc_start_step"):
+        weights = ("l1_weight", "l2_weight", "motion_weight", "edge_weight", "ssim_weight", "kl_weight", "disc_weight")
+        for name in (*weights, "disc_start_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.disc_base_dim < 8 or self.disc_base_dim % 8:
@@ -159,6 +165,11 @@ class VAELoss(nn.Module):
         if cfg.motion_weight > 0 and x.shape[2] > 1:
             terms["motion"] = (error[:, :, 1:] - error[:, :, :-1]).abs().mean()  # |d recon/dt - d x/dt|
             total = total + cfg.motion_weight * terms["motion"]
+        if cfg.edge_weight > 0:
+            across = (error[..., :, 1:] - error[..., :, :-1]).abs().mean()  # |d recon/dx - d x/dx|
+            down = (error[..., 1:, :] - error[..., :-1, :]).abs().mean()
+            terms["edge"] = (across + down) / 2
+            total = total + cfg.edge_weight * terms["edge"]
         if cfg.ssim_weight > 0:
             terms["ssim"] = ssim(recon, x)
             total = total + cfg.ssim_weight * (1.0 - terms["ssim"])
