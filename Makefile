@@ -31,8 +31,8 @@ demo-eval: $(STAMP)
 # embeddings, train the DiT,
 # ship its export. Each stage prints its time. On a machine shared with other
 # jobs, OMP_NUM_THREADS=1 make demo-train is faster (OpenMP threads spin waiting for busy cores).
-# DIT_STEPS overrides the DiT's steps (configs/demo/recipe-dit.yaml: 34500, the shipped weights, about 57 min
-# in all); `make demo-train DIT_STEPS=11500` is the recipe that fits 30 minutes, and follows prompts less well.
+# DIT_STEPS overrides the DiT's steps (configs/demo/recipe-dit.yaml: 34500, the shipped weights, about 63 min
+# in all); `make demo-train DIT_STEPS=11500` takes about 36 min and follows prompts less well.
 DEMO := outputs/demo
 demo-train: SHELL := /bin/bash
 demo-train: $(STAMP)
