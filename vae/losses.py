@@ -58,9 +58,8 @@ class VAELossConfig:
     """Strided layers in the discriminator; each halves H and W (frames need >= 2**disc_layers pixels)."""
 
     def __post_init__(self) -> None:
-        weights = ("l1_weight", "l2_weight", "motion_weight", "edge_weight", "ssim_weight", "kl_weight",
-                   "disc_weight")  # fmt: skip
-        for name in (*weights, "disc_start_step"):
+        for name in ("l1_weight", "l2_weight", "motion_weight", "edge_weight", "ssim_weight", "kl_weight",
+                     "disc_weight", "disc_start_step"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.disc_base_dim < 8 or self.disc_base_dim % 8:
