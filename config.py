@@ -3,9 +3,10 @@
 Every config in Spacetime is a dataclass: a docstring under each field, validation in
 ``__post_init__``. This module only moves values between YAML, the command line and those
 dataclasses; it holds no knowledge of any particular config. Precedence, lowest first:
-dataclass defaults, the YAML file, then ``key.sub=value`` overrides.
+dataclass defaults, the YAML files in the order given, then ``key.sub=value`` overrides.
 
     cfg = load_config(TrainConfig, "configs/demo/dit.yaml", ["model.num_layers=4"])
+    cfg = load_config(TrainConfig, ["configs/demo/recipe-dit.yaml", "configs/demo/recipe-dit-finish.yaml"])
     save_config(cfg, out_dir / "config.yaml")
 
 Type checking and unknown keys are OmegaConf's job (structured configs); value checks are the
@@ -29,21 +30,29 @@ class ConfigError(ValueError):
     """A config file or override that cannot become a valid config."""
 
 
-def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``schema`` from its defaults, then the YAML at ``path``, then dotted ``overrides``."""
+def load_config(
+    schema: type[T],
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Build ``schema`` from its defaults, then the YAML at ``path``, then dotted ``overrides``.
+
+    ``path`` may be several files: each is merged over the ones before it, so a short file can state how
+    one run differs from another's config (a fine-tuning stage over its base run) without copying it.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     merged = OmegaConf.structured(schema)
     layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    for file in map(Path, paths):
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} does not exist")
         try:
-            layers.append(OmegaConf.load(path))
+            layers.append(OmegaConf.load(file))
         except Exception as err:  # yaml.YAMLError and friends: say which file
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+            raise ConfigError(f"config file {str(file)!r} is not valid YAML: {err}") from err
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=4")

@@ -711,7 +711,9 @@ def main(cfg: TrainConfig, *, resume: str | None = None) -> list[dict[str, float
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the Spacetime VAE or DiT (one process or DeepSpeed).")
-    parser.add_argument("--config", help="YAML config (configs/train/*.yaml, configs/demo/*.yaml)")
+    parser.add_argument("--config", action="append",
+                        help="YAML config (configs/train/*.yaml, configs/demo/*.yaml); repeat it to layer files, "
+                             "each over the ones before (e.g. a fine-tuning stage over its base run's config)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=100 parallel.zero_stage=2")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder: continue that run")
     parser.add_argument("--export", metavar="RUN_DIR", help="write RUN_DIR's latest EMA weights as a model folder")

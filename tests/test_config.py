@@ -46,6 +46,19 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     assert isinstance(cfg.inner, Inner) and cfg.name == "run"
 
 
+def test_config_files_layer_in_order_and_overrides_still_win(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("name: base\nlr: 0.5\ninner:\n  depth: 3\n  kind: ddpm\n")
+    stage = tmp_path / "stage.yaml"
+    stage.write_text("lr: 0.25\ninner:\n  depth: 5\n")
+    cfg = load_config(Outer, [base, stage], ["inner.depth=7"])
+    # the later file replaces only the keys it names, nested ones included; the override wins over both
+    assert (cfg.name, cfg.lr, cfg.inner.depth, cfg.inner.kind) == ("base", 0.25, 7, "ddpm")
+    assert load_config(Outer, [stage, base]).lr == 0.5
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(Outer, [base, tmp_path / "nope.yaml"])
+
+
 @pytest.mark.parametrize(
     "text, overrides, must_mention",
     [
