@@ -356,14 +356,19 @@ def test_sigterm_saves_then_exits(tmp_path):
     assert saved == logged[-1] >= 3  # the checkpoint is the last completed step, nothing lost
 
 
+# Config files that are layers over another (train.py --config BASE --config LAYER), by file name.
+LAYER_BASES = {"recipe-dit-finish.yaml": [ROOT / "configs/demo/recipe-dit.yaml"]}
+
+
 @pytest.mark.parametrize("path", sorted([*(ROOT / "configs" / "train").glob("*.yaml"), *(ROOT / "configs" / "demo").glob("*.yaml")]),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_training_config_loads_and_round_trips(path, tmp_path):
-    """A typo'd key or an invalid value in a shipped YAML fails here, not after a cluster job starts."""
+    """A typo'd key or an invalid value in a shipped YAML fails here, not after a cluster job starts. A layer
+    (a stage that names only how it differs) is loaded over its base, as its command line does."""
     from config import save_config
     from train import TrainConfig
 
-    cfg = load_config(TrainConfig, path)
+    cfg = load_config(TrainConfig, [*LAYER_BASES.get(path.name, []), path])
     assert load_config(TrainConfig, save_config(cfg, tmp_path / "c.yaml")) == cfg
 
 
@@ -375,3 +380,27 @@ def test_cli_takes_options_between_overrides(capsys):
         cli(["--config", str(ROOT / "configs/train/dit_debug.yaml"), "steps=1", "--resume", "latest", "bogus.key=3"])
     assert exit_info.value.code == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
+
+
+def test_demo_dit_stage_2_starts_from_stage_1s_export_and_changes_only_what_it_names(tmp_path, capsys):
+    """configs/demo/recipe-dit-finish.yaml layered over recipe-dit.yaml (as `make demo-train` runs it): it
+    must read stage 1's export and write elsewhere, or `make demo-train` would fine-tune the wrong weights or
+    overwrite the ones it starts from; every other setting (model, data, diffusion, masks) is stage 1's."""
+    import dataclasses
+
+    from train import TrainConfig, cli
+
+    (base,) = LAYER_BASES["recipe-dit-finish.yaml"]
+    stage_1 = load_config(TrainConfig, base)
+    stage_2 = load_config(TrainConfig, [base, ROOT / "configs/demo/recipe-dit-finish.yaml"])
+    assert stage_2.init_from == f"{stage_1.run_dir}/export" and stage_2.run_dir != stage_1.run_dir
+    assert stage_2.optim.lr < stage_1.optim.lr and stage_2.seed != stage_1.seed
+    named = {"run_dir", "init_from", "seed", "steps", "optim"}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in named:
+            assert getattr(stage_2, f.name) == getattr(stage_1, f.name), f.name
+    assert dataclasses.replace(stage_2.optim, lr=stage_1.optim.lr) == stage_1.optim
+    # the command line layers repeated --config files the same way: a missing second file is named
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--config", str(ROOT / "configs/demo/recipe-dit.yaml"), "--config", str(tmp_path / "stage2.yaml")])
+    assert exit_info.value.code == 2 and "stage2.yaml" in capsys.readouterr().err
