@@ -357,7 +357,10 @@ def test_sigterm_saves_then_exits(tmp_path):
 
 
 # Config files that are layers over another (train.py --config BASE --config LAYER), by file name.
-LAYER_BASES = {"recipe-dit-finish.yaml": [ROOT / "configs/demo/recipe-dit.yaml"]}
+LAYER_BASES = {
+    "recipe-dit-finish.yaml": [ROOT / "configs/demo/recipe-dit.yaml"],
+    "recipe-dit-finish-2.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml"],
+}
 
 
 @pytest.mark.parametrize("path", sorted([*(ROOT / "configs" / "train").glob("*.yaml"), *(ROOT / "configs" / "demo").glob("*.yaml")]),
@@ -382,24 +385,27 @@ def test_cli_takes_options_between_overrides(capsys):
     assert "unknown config key 'bogus'" in capsys.readouterr().err
 
 
-def test_demo_dit_stage_2_starts_from_stage_1s_export_and_changes_only_what_it_names(tmp_path, capsys):
-    """configs/demo/recipe-dit-finish.yaml layered over recipe-dit.yaml (as `make demo-train` runs it): it
-    must read stage 1's export and write elsewhere, or `make demo-train` would fine-tune the wrong weights or
-    overwrite the ones it starts from; every other setting (model, data, diffusion, masks) is stage 1's."""
+@pytest.mark.parametrize("layer", ["recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml"])
+def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_what_they_name(layer, tmp_path, capsys):
+    """configs/demo/recipe-dit-finish*.yaml layered over the stages before (as `make demo-train` runs them):
+    each must read the previous stage's export and write elsewhere, or `make demo-train` would fine-tune the
+    wrong weights or overwrite the ones it starts from; every other setting (model, data, diffusion, masks)
+    is stage 1's."""
     import dataclasses
 
     from train import TrainConfig, cli
 
-    (base,) = LAYER_BASES["recipe-dit-finish.yaml"]
-    stage_1 = load_config(TrainConfig, base)
-    stage_2 = load_config(TrainConfig, [base, ROOT / "configs/demo/recipe-dit-finish.yaml"])
-    assert stage_2.init_from == f"{stage_1.run_dir}/export" and stage_2.run_dir != stage_1.run_dir
-    assert stage_2.optim.lr < stage_1.optim.lr and stage_2.seed != stage_1.seed
+    bases = LAYER_BASES[layer]
+    stage_1 = load_config(TrainConfig, bases[0])
+    before = load_config(TrainConfig, bases)
+    stage = load_config(TrainConfig, [*bases, ROOT / "configs/demo" / layer])
+    assert stage.init_from == f"{before.run_dir}/export" and stage.run_dir != before.run_dir
+    assert stage.optim.lr < before.optim.lr and stage.seed != before.seed
     named = {"run_dir", "init_from", "seed", "steps", "optim"}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in named:
-            assert getattr(stage_2, f.name) == getattr(stage_1, f.name), f.name
-    assert dataclasses.replace(stage_2.optim, lr=stage_1.optim.lr) == stage_1.optim
+            assert getattr(stage, f.name) == getattr(stage_1, f.name), f.name
+    assert dataclasses.replace(stage.optim, lr=stage_1.optim.lr) == stage_1.optim
     # the command line layers repeated --config files the same way: a missing second file is named
     with pytest.raises(SystemExit) as exit_info:
         cli(["--config", str(ROOT / "configs/demo/recipe-dit.yaml"), "--config", str(tmp_path / "stage2.yaml")])
