@@ -37,6 +37,7 @@ demo-eval: $(STAMP)
 # them and ships stage 1). The shipped weights: all three, about 85 min in all at session 5's speed;
 # `make demo-train DIT_STEPS=11500 DIT_FINISH_STEPS=0` takes about 36 min and follows prompts less well.
 DEMO := outputs/demo
+DIT_STAGE_2 := --config configs/demo/recipe-dit.yaml --config configs/demo/recipe-dit-finish.yaml
 demo-train: SHELL := /bin/bash
 demo-train: $(STAMP)
 	rm -rf $(DEMO)/synth $(DEMO)/vae $(DEMO)/vae-clips $(DEMO)/vae-decoder $(DEMO)/vae-sharpen $(DEMO)/cache \
@@ -53,10 +54,9 @@ demo-train: $(STAMP)
 ifeq ($(DIT_FINISH_STEPS),0)
 	rm -rf weights/demo && mkdir -p weights && cp -r $(DEMO)/dit/export weights/demo
 else
-	time $(BIN)/python train.py --config configs/demo/recipe-dit.yaml --config configs/demo/recipe-dit-finish.yaml \
+	time $(BIN)/python train.py $(DIT_STAGE_2) $(if $(DIT_FINISH_STEPS),steps=$(DIT_FINISH_STEPS))
+	time $(BIN)/python train.py $(DIT_STAGE_2) --config configs/demo/recipe-dit-finish-2.yaml \
 		$(if $(DIT_FINISH_STEPS),steps=$(DIT_FINISH_STEPS))
-	time $(BIN)/python train.py --config configs/demo/recipe-dit.yaml --config configs/demo/recipe-dit-finish.yaml \
-		--config configs/demo/recipe-dit-finish-2.yaml $(if $(DIT_FINISH_STEPS),steps=$(DIT_FINISH_STEPS))
 	rm -rf weights/demo && mkdir -p weights && cp -r $(DEMO)/dit-finish-2/export weights/demo
 endif
 	# Shipped in float16 (8 MB instead of 17): the pipeline loads it into float32 models.

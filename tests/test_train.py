@@ -386,14 +386,14 @@ def test_cli_takes_options_between_overrides(capsys):
 
 
 @pytest.mark.parametrize("layer", ["recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml"])
-def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_what_they_name(layer, tmp_path, capsys):
+def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_what_they_name(layer):
     """configs/demo/recipe-dit-finish*.yaml layered over the stages before (as `make demo-train` runs them):
     each must read the previous stage's export and write elsewhere, or `make demo-train` would fine-tune the
     wrong weights or overwrite the ones it starts from; every other setting (model, data, diffusion, masks)
     is stage 1's."""
     import dataclasses
 
-    from train import TrainConfig, cli
+    from train import TrainConfig
 
     bases = LAYER_BASES[layer]
     stage_1 = load_config(TrainConfig, bases[0])
@@ -406,7 +406,11 @@ def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_wh
         if f.name not in named:
             assert getattr(stage, f.name) == getattr(stage_1, f.name), f.name
     assert dataclasses.replace(stage.optim, lr=stage_1.optim.lr) == stage_1.optim
-    # the command line layers repeated --config files the same way: a missing second file is named
+
+
+def test_cli_layers_repeated_configs_and_names_a_missing_later_one(tmp_path, capsys):
+    from train import cli
+
     with pytest.raises(SystemExit) as exit_info:
         cli(["--config", str(ROOT / "configs/demo/recipe-dit.yaml"), "--config", str(tmp_path / "stage2.yaml")])
     assert exit_info.value.code == 2 and "stage2.yaml" in capsys.readouterr().err
