@@ -84,7 +84,8 @@ class DiTTask(StreamTask):
             return model(x.to(dtype), t, text.to(dtype), text_mask)
 
         loss, logs = training_loss(predict, latents, process=self.process, text=text, text_mask=text_mask,
-                                   cond_mask=cond_mask, generator=generator, patch_size=self.cfg.dit.patch_size)
+                                   cond_mask=cond_mask, generator=generator, patch_size=self.cfg.dit.patch_size,
+                                   detail_weight=self.cfg.diffusion.detail_weight)
         return loss, {f"dit/{key}": float(value) for key, value in logs.items() if key != "loss"}
 
     def tokens(self, batch: dict) -> int:

@@ -13,6 +13,8 @@ from dit.diffusion import (
     DiffusionConfig,
     FlowMatching,
     build_process,
+    detail_weights,
+    masked_mse,
     shift_sigma,
     training_loss,
 )
@@ -276,6 +278,60 @@ def test_conditioned_positions_are_clean_at_timestep_zero_and_add_no_loss():
     loud_loss, _ = training_loss(loud, x0, process=process, text=text, text_mask=text_mask, cond_mask=cond_mask,
                                  generator=torch.Generator().manual_seed(2))  # fmt: skip
     assert torch.equal(loss, loud_loss)
+
+
+def _one_object(background, offset, at=(1, 2, 3)):
+    """Latents (1, C, 3, 4, 4): `background` everywhere but one position, which holds background + offset."""
+    x0 = torch.tensor(background).reshape(1, -1, 1, 1, 1).expand(1, len(background), 3, 4, 4).clone()
+    x0[0, :, at[0], at[1], at[2]] += torch.tensor(offset)
+    return x0
+
+
+def test_detail_weights_single_out_an_object_on_a_flat_background_whatever_its_colour():
+    positions = 3 * 4 * 4
+    for offset in ([0.6, -0.8], [-1.0, 0.0]):  # two colours of the same latent distance (1)
+        weight = detail_weights(_one_object([0.5, -2.0], offset), strength=0.5)  # (1, 3, 4, 4)
+        expected = torch.ones(1, 3, 4, 4)
+        expected[0, 1, 2, 3] = 1 + 0.5 * positions  # distance 1 against a mean distance of 1 / positions
+        torch.testing.assert_close(weight, expected)
+        torch.testing.assert_close(weight.mean(), torch.tensor(1.5))
+    flat = detail_weights(_one_object([0.5, -2.0], [0.0, 0.0]), strength=0.5)
+    torch.testing.assert_close(flat, torch.ones(1, 3, 4, 4))  # nothing stands out: every position alike
+
+
+def test_weighted_mse_is_a_weighted_mean_over_free_positions():
+    x0 = _one_object([0.5, -2.0], [0.6, -0.8])
+    weight = detail_weights(x0, strength=2.0)
+    cond_mask = torch.zeros(1, 3, 4, 4, dtype=torch.bool)
+    cond_mask[:, 0] = True  # the first latent frame is given
+    target = torch.zeros_like(x0)
+    constant = torch.full_like(x0, 0.3)  # the same error everywhere: any weighting gives that error
+    torch.testing.assert_close(masked_mse(constant, target, cond_mask, weight), torch.tensor([0.09]))
+    wrong_object = torch.zeros_like(x0)
+    wrong_object[0, :, 1, 2, 3] = 1.0  # error 1 at the object only
+    free = 2 * 4 * 4
+    plain = masked_mse(wrong_object, target, cond_mask)
+    weighted = masked_mse(wrong_object, target, cond_mask, weight)
+    object_weight = 1 + 2.0 * 3 * 4 * 4  # the mean distance is over every position, conditioned or not
+    torch.testing.assert_close(plain, torch.tensor([1 / free]))
+    torch.testing.assert_close(weighted, torch.tensor([object_weight / (free - 1 + object_weight)]))
+
+
+def test_training_loss_with_detail_weight_counts_the_object_more_and_is_zero_for_the_exact_model():
+    process = FlowMatching(prediction="x0")
+    x0 = _one_object([0.5, -2.0], [0.6, -0.8]).repeat(2, 1, 1, 1, 1)
+    text, text_mask = torch.zeros(2, 2, 8), torch.ones(2, 2, dtype=torch.bool)
+
+    def misses_the_object(x, t, s, m):  # predicts the background everywhere
+        return x0 - (x0 - x0.flatten(3).median(dim=3).values[..., None, None])
+
+    losses = [training_loss(model, x0, process=process, text=text, text_mask=text_mask, detail_weight=weight,
+                            generator=torch.Generator().manual_seed(3))[0]
+              for model in (misses_the_object, _oracle(process, x0)) for weight in (0.0, 1.0)]  # fmt: skip
+    assert float(losses[1]) > 10 * float(losses[0]) > 0
+    assert float(losses[2]) < 1e-6 and float(losses[3]) < 1e-6
+    with pytest.raises(ValueError, match="detail_weight=-1"):
+        DiffusionConfig(detail_weight=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
