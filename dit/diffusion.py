@@ -419,8 +419,9 @@ def detail_weights(x0: Tensor, strength: float) -> Tensor:
     On a flat background the median is the background, so the weight grows with how much of an object a
     position holds, whatever the object's colour; its mean over a sample is 1 + strength.
     """
-    typical = x0.float().flatten(3).median(dim=3).values[..., None, None]  # (B, C, T', 1, 1)
-    distance = (x0.float() - typical).square().sum(dim=1).sqrt()  # (B, T', H', W')
+    x0 = x0.float()
+    typical = x0.flatten(3).median(dim=3).values[..., None, None]  # (B, C, T', 1, 1)
+    distance = (x0 - typical).square().sum(dim=1).sqrt()  # (B, T', H', W')
     scale = distance.flatten(1).mean(dim=1).clamp(min=1e-6)  # (B,): a uniform frame gets weight 1 everywhere
     return 1.0 + strength * distance / scale[:, None, None, None]
 
@@ -429,9 +430,11 @@ def masked_mse(pred: Tensor, target: Tensor, cond_mask: Tensor | None, weight: T
     """Mean squared error per sample (B,) over the positions that are not conditioned, each position
     weighted by `weight` (B, T', H', W') if given (a weighted mean: constant weights change nothing)."""
     error = (pred.float() - target.float()).pow(2).mean(dim=1)  # (B, T', H', W')
-    weight = torch.ones_like(error) if weight is None else weight.float()
     if cond_mask is not None:
-        weight = weight * (~cond_mask).float()
+        free = (~cond_mask).float()  # (B, T', H', W')
+        weight = free if weight is None else weight.float() * free
+    if weight is None:  # the common case: a plain mean, no weight tensor built every step
+        return error.flatten(1).mean(dim=1)
     return (error * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp(min=1e-6)
 
 

@@ -323,7 +323,7 @@ def test_training_loss_with_detail_weight_counts_the_object_more_and_is_zero_for
     text, text_mask = torch.zeros(2, 2, 8), torch.ones(2, 2, dtype=torch.bool)
 
     def misses_the_object(x, t, s, m):  # predicts the background everywhere
-        return x0 - (x0 - x0.flatten(3).median(dim=3).values[..., None, None])
+        return x0.flatten(3).median(dim=3).values[..., None, None].expand_as(x0)
 
     losses = [training_loss(model, x0, process=process, text=text, text_mask=text_mask, detail_weight=weight,
                             generator=torch.Generator().manual_seed(3))[0]
