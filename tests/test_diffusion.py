@@ -14,6 +14,7 @@ from dit.diffusion import (
     FlowMatching,
     build_process,
     detail_weights,
+    draw_noise,
     masked_mse,
     shift_sigma,
     training_loss,
@@ -332,6 +333,24 @@ def test_training_loss_with_detail_weight_counts_the_object_more_and_is_zero_for
     assert float(losses[2]) < 1e-6 and float(losses[3]) < 1e-6
     with pytest.raises(ValueError, match="detail_weight=-1"):
         DiffusionConfig(detail_weight=-1)
+
+
+@pytest.mark.parametrize("process", [DDPM(prediction="eps"), FlowMatching()], ids=["ddpm-eps", "flow"])
+def test_input_perturbation_noises_the_input_but_not_the_target(process):
+    # The exact model reads the noise off its input, so what it misses is exactly gamma * xi, the extra
+    # noise the target does not name: its loss is the mean of (gamma xi)^2 with xi drawn right after the noise.
+    x0 = torch.randn(4, 3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    text, text_mask = torch.zeros(4, 2, 8), torch.ones(4, 2, dtype=torch.bool)
+    gamma, seed = 0.3, 5
+    loss, _ = training_loss(_oracle(process, x0), x0, process=process, text=text, text_mask=text_mask,
+                            generator=torch.Generator().manual_seed(seed), input_perturbation=gamma)  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    process.sample_timesteps(4, tokens=9, generator=generator, device=x0.device)
+    draw_noise(x0, generator)
+    xi = draw_noise(x0, generator)
+    assert float(loss) == pytest.approx(float((gamma * xi).square().mean()), rel=1e-4)
+    with pytest.raises(ValueError, match="input_perturbation=-0.1"):
+        DiffusionConfig(input_perturbation=-0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------
