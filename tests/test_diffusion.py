@@ -16,6 +16,7 @@ from dit.diffusion import (
     detail_weights,
     draw_noise,
     masked_mse,
+    num_tokens,
     shift_sigma,
     training_loss,
 )
@@ -345,7 +346,7 @@ def test_input_perturbation_noises_the_input_but_not_the_target(process):
     loss, _ = training_loss(_oracle(process, x0), x0, process=process, text=text, text_mask=text_mask,
                             generator=torch.Generator().manual_seed(seed), input_perturbation=gamma)  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
-    process.sample_timesteps(4, tokens=9, generator=generator, device=x0.device)
+    process.sample_timesteps(4, tokens=num_tokens(x0.shape, (1, 2, 2)), generator=generator, device=x0.device)
     draw_noise(x0, generator)
     xi = draw_noise(x0, generator)
     assert float(loss) == pytest.approx(float((gamma * xi).square().mean()), rel=1e-4)
