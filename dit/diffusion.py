@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dit.conditioning import model_timesteps, position_mask
@@ -379,6 +380,15 @@ class DiffusionConfig:
     2023, "Input Perturbation Reduces Exposure Bias"): x_t is made from noise + gamma * xi, the target from
     noise alone, so the model also learns to pull back a sample that has drifted from its noise level, as
     a sampler's own errors make it drift. 0 trains on the exact noise; the paper uses 0.1."""
+    blur_path: float = 0.0
+    """Training, flow only: the fraction of samples noised along a blurring path instead of the straight one.
+    Their clean part is blurred in proportion to the noise level, x_sigma = (1 - sigma) (x0 + sigma (b - x0))
+    + sigma eps with b each latent frame blurred (`blur_frames`), and the target is that path's velocity, so
+    sampling is unchanged. On the straight path a half-noised sample already shows its shape and the model
+    can read it off the pixels; on this one it shows a blob, so the model has to take the outline from the
+    text, which is what it must do at sampling time (docs/demo.md). 0 keeps every sample on the straight path."""
+    blur_sigma: float = 1.0
+    """Training, `blur_path` > 0: the standard deviation of the blurring path's Gaussian, in latent positions."""
 
     def __post_init__(self) -> None:
         if self.process not in ("flow", "ddpm"):
@@ -387,6 +397,12 @@ class DiffusionConfig:
             raise ValueError(f"detail_weight={self.detail_weight}: must be >= 0 (0 weights positions alike)")
         if self.input_perturbation < 0:
             raise ValueError(f"input_perturbation={self.input_perturbation}: must be >= 0 (0 trains on the exact noise)")
+        if not 0 <= self.blur_path <= 1:
+            raise ValueError(f"blur_path={self.blur_path}: must be a fraction in [0, 1] (0 keeps the straight path)")
+        if self.blur_path > 0 and self.process != "flow":
+            raise ValueError(f"blur_path={self.blur_path} needs process='flow' (got {self.process!r})")
+        if self.blur_sigma <= 0:
+            raise ValueError(f"blur_sigma={self.blur_sigma}: must be > 0 (latent positions)")
         build_process(self)  # the process validates its own fields, named as here
 
     @classmethod
@@ -433,6 +449,21 @@ def detail_weights(x0: Tensor, strength: float) -> Tensor:
     return 1.0 + strength * distance / scale[:, None, None, None]
 
 
+def blur_frames(x: Tensor, sigma: float) -> Tensor:
+    """Each latent frame of x (B, C, T', H', W') blurred by a Gaussian of std `sigma` latent positions,
+    separably, with edge values repeated past the border so that a uniform frame stays exactly uniform."""
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)  # (K,)
+    batch, channels, frames, height, width = x.shape
+    planes = x.reshape(batch * channels * frames, 1, height, width)  # (N, 1, H', W')
+    planes = F.pad(planes, (radius, radius, radius, radius), mode="replicate")
+    planes = F.conv2d(planes, kernel.view(1, 1, -1, 1))  # down the rows
+    planes = F.conv2d(planes, kernel.view(1, 1, 1, -1))  # along the columns
+    return planes.reshape(batch, channels, frames, height, width)
+
+
 def masked_mse(pred: Tensor, target: Tensor, cond_mask: Tensor | None, weight: Tensor | None = None) -> Tensor:
     """Mean squared error per sample (B,) over the positions that are not conditioned, each position
     weighted by `weight` (B, T', H', W') if given (a weighted mean: constant weights change nothing)."""
@@ -457,14 +488,18 @@ def training_loss(
     patch_size: tuple[int, int, int] = (1, 2, 2),
     detail_weight: float = 0.0,
     input_perturbation: float = 0.0,
+    blur_path: float = 0.0,
+    blur_sigma: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One training loss: noise x0 (B, C, T', H', W'), predict, compare on the non-conditioned positions.
 
     Conditioned positions (cond_mask True) keep their clean latents, get timestep 0 and add nothing to the
     loss. `detail_weight` > 0 weights positions by `detail_weights`; `input_perturbation` (gamma) noises the
-    input with noise + gamma * xi but keeps the target of the noise alone. Returns the scalar loss and
-    detached logs.
+    input with noise + gamma * xi but keeps the target of the noise alone; `blur_path` puts that fraction of
+    the samples on DiffusionConfig.blur_path's blurring path. Returns the scalar loss and detached logs.
     """
+    if blur_path > 0 and not isinstance(process, FlowMatching):
+        raise ValueError(f"blur_path={blur_path} needs flow matching (got {type(process).__name__})")
     t = process.sample_timesteps(
         x0.shape[0], tokens=num_tokens(x0.shape, patch_size), generator=generator, device=x0.device
     )  # (B,)
@@ -473,6 +508,15 @@ def training_loss(
     if input_perturbation > 0:
         noise = noise + input_perturbation * draw_noise(x0, generator)
     x_t = process.add_noise(x0, noise, t)
+    if blur_path > 0:
+        # x = (1 - s) (x0 + s d) + s eps, d = blur(x0) - x0: dx/ds = eps - x0 + (1 - 2 s) d, the target.
+        where = _device(generator, x0.device)
+        on_path = (torch.rand(x0.shape[0], generator=generator, device=where) < blur_path).to(x0.device)  # (B,)
+        sigma = broadcast_to(process.sigma(t), x0)  # (B, 1, 1, 1, 1)
+        detour = blur_frames(x0, blur_sigma) - x0  # (B, C, T', H', W')
+        detour = detour * on_path.reshape(-1, *([1] * (x0.ndim - 1))).to(detour.dtype)  # off the path: 0
+        x_t = x_t + (1 - sigma) * sigma * detour
+        target = target + (1 - 2 * sigma) * detour
     if cond_mask is not None:
         cond_mask = cond_mask.to(x0.device)  # mask samplers build it on the CPU
         x_t = torch.where(position_mask(cond_mask), x0, x_t)

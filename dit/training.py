@@ -86,7 +86,8 @@ class DiTTask(StreamTask):
         loss, logs = training_loss(predict, latents, process=self.process, text=text, text_mask=text_mask,
                                    cond_mask=cond_mask, generator=generator, patch_size=self.cfg.dit.patch_size,
                                    detail_weight=self.cfg.diffusion.detail_weight,
-                                   input_perturbation=self.cfg.diffusion.input_perturbation)
+                                   input_perturbation=self.cfg.diffusion.input_perturbation,
+                                   blur_path=self.cfg.diffusion.blur_path, blur_sigma=self.cfg.diffusion.blur_sigma)
         return loss, {f"dit/{key}": float(value) for key, value in logs.items() if key != "loss"}
 
     def tokens(self, batch: dict) -> int:

@@ -12,6 +12,7 @@ from dit.diffusion import (
     X0_MIN_SIGMA,
     DiffusionConfig,
     FlowMatching,
+    blur_frames,
     build_process,
     detail_weights,
     draw_noise,
@@ -354,6 +355,91 @@ def test_input_perturbation_noises_the_input_but_not_the_target(process):
         DiffusionConfig(input_perturbation=-0.1)
 
 
+def test_blur_frames_is_a_normalised_gaussian_per_frame():
+    sigma = 1.3
+    x = torch.zeros(2, 3, 2, 15, 15)
+    x[1, 2, 1, 7, 7] = 1.0  # one delta, far enough from the border that nothing is clipped
+    x[0, 0, 0] = 0.5  # a uniform frame
+    out = blur_frames(x, sigma)
+    offsets = torch.arange(15.0) - 7
+    profile = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    expected = profile[:, None] * profile[None, :]
+    expected = expected / expected.sum()  # (15, 15): the separable 2D Gaussian, clipped to 3 sigma below
+    inside = (offsets.abs() <= math.ceil(3 * sigma))[:, None] & (offsets.abs() <= math.ceil(3 * sigma))[None, :]
+    expected = torch.where(inside, expected, torch.zeros(()))
+    expected = expected / expected.sum()
+    assert torch.allclose(out[1, 2, 1], expected, atol=1e-7)
+    assert torch.allclose(out[0, 0, 0], torch.full((15, 15), 0.5), atol=1e-7)  # uniform stays uniform
+    untouched = torch.ones_like(out, dtype=torch.bool)
+    untouched[1, 2, 1] = untouched[0, 0, 0] = False
+    assert out[untouched].abs().max() == 0  # no frame or channel leaks into another
+
+
+def _draws(x0, process, seed, blur_path):
+    """Replay training_loss's draws: timesteps, noise, then which samples take the blurring path."""
+    generator = torch.Generator().manual_seed(seed)
+    t = process.sample_timesteps(x0.shape[0], tokens=num_tokens(x0.shape, (1, 2, 2)), generator=generator,
+                                 device=x0.device)  # fmt: skip
+    noise = draw_noise(x0, generator)
+    on_path = torch.rand(x0.shape[0], generator=generator) < blur_path
+    return t.double() / 1000, noise, on_path
+
+
+def test_blur_path_trains_the_velocity_of_its_own_path():
+    # The model that returns the numerical derivative of x(s) = (1 - s) (x0 + s (blur(x0) - x0)) + s eps at
+    # the drawn s has ~zero loss and sees x(s) itself: input and target lie on one path.
+    process, seed, blur_sigma = FlowMatching(sigma_sampling="uniform"), 3, 0.8
+    x0 = torch.randn(5, 2, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    text, text_mask = torch.zeros(5, 2, 8), torch.ones(5, 2, dtype=torch.bool)
+    sigma, noise, _ = _draws(x0, process, seed, 1.0)
+    blurred = blur_frames(x0, blur_sigma)
+
+    def path(s):
+        s = s.double().reshape(-1, 1, 1, 1, 1)
+        return (1 - s) * (x0 + s * (blurred - x0)) + s * noise
+
+    seen = []
+
+    def derivative(x, t, text, text_mask):
+        seen.append(x)
+        h = 1e-4
+        return (path(sigma + h) - path(sigma - h)) / (2 * h)
+
+    loss, _ = training_loss(derivative, x0, process=process, text=text, text_mask=text_mask,
+                            generator=torch.Generator().manual_seed(seed), blur_path=1.0, blur_sigma=blur_sigma)  # fmt: skip
+    assert torch.allclose(seen[0], path(sigma), atol=1e-6)
+    assert float(loss) < 1e-10
+    plain, _ = training_loss(_oracle(process, x0), x0, process=process, text=text, text_mask=text_mask,
+                             generator=torch.Generator().manual_seed(seed), blur_path=1.0, blur_sigma=blur_sigma)  # fmt: skip
+    assert float(plain) > 1e-3  # the straight path's exact model is not that path's
+
+
+def test_blur_path_takes_its_fraction_of_samples_and_no_draws_when_off():
+    # The straight path's exact model misses an on-path sample's target by exactly sigma (blur(x0) - x0).
+    process, seed, fraction = FlowMatching(sigma_sampling="uniform"), 4, 0.5
+    x0 = torch.randn(8, 2, 1, 5, 5, generator=torch.Generator().manual_seed(2))
+    text, text_mask = torch.zeros(8, 2, 8), torch.ones(8, 2, dtype=torch.bool)
+    sigma, _, on_path = _draws(x0, process, seed, fraction)
+    assert 0 < int(on_path.sum()) < 8  # this seed mixes both paths
+    loss, _ = training_loss(_oracle(process, x0), x0, process=process, text=text, text_mask=text_mask,
+                            generator=torch.Generator().manual_seed(seed), blur_path=fraction)  # fmt: skip
+    miss = sigma.reshape(-1, 1, 1, 1, 1) * (blur_frames(x0, 1.0) - x0)  # (B, C, T', H', W')
+    expected = (miss.square().flatten(1).mean(dim=1) * on_path).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    model = torch.nn.Linear(1, 1)  # any deterministic model: off means the very same loss, draw for draw
+
+    def linear(x, t, text, text_mask):
+        return model(x[..., None])[..., 0]
+
+    off, _ = training_loss(linear, x0, process=process, text=text, text_mask=text_mask,
+                           generator=torch.Generator().manual_seed(seed), blur_path=0.0)  # fmt: skip
+    default, _ = training_loss(linear, x0, process=process, text=text, text_mask=text_mask,
+                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    assert torch.equal(off, default)
+    with pytest.raises(ValueError, match="needs flow matching"):
+        training_loss(linear, x0, process=DDPM(), text=text, text_mask=text_mask, blur_path=0.5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------
@@ -382,6 +468,9 @@ def test_config_presets_build_and_load_through_omegaconf():
         ({"shift": 0.0}, "shift=0.0"),
         ({"sigma_sampling": "beta"}, "sigma_sampling='beta'"),
         ({"flow_prediction": "eps"}, "prediction='eps'"),
+        ({"blur_path": 1.5}, "blur_path=1.5"),
+        ({"blur_path": 0.5, "process": "ddpm"}, "needs process='flow'"),
+        ({"blur_sigma": 0.0}, "blur_sigma=0.0"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
