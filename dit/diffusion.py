@@ -514,7 +514,7 @@ def training_loss(
         on_path = (torch.rand(x0.shape[0], generator=generator, device=where) < blur_path).to(x0.device)  # (B,)
         sigma = broadcast_to(process.sigma(t), x0)  # (B, 1, 1, 1, 1)
         detour = blur_frames(x0, blur_sigma) - x0  # (B, C, T', H', W')
-        detour = detour * on_path.reshape(-1, *([1] * (x0.ndim - 1))).to(detour.dtype)  # off the path: 0
+        detour = detour * broadcast_to(on_path, detour)  # off the path: 0
         x_t = x_t + (1 - sigma) * sigma * detour
         target = target + (1 - 2 * sigma) * detour
     if cond_mask is not None:
