@@ -20,7 +20,6 @@ fine-tuning at the new patch size, not a finished model.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def resize_patch(model: DiT, patch_size: tuple[int, int, int]) -> DiT:
     """A new DiT with `patch_size` whose weights are `model`'s, resized as the module docstring says."""
     patch_size = tuple(int(p) for p in patch_size)
     rt, rh, rw = resize_ratio(model.cfg.patch_size, patch_size)
-    cfg = dataclasses.replace(copy.deepcopy(model.cfg), patch_size=patch_size)
+    cfg = dataclasses.replace(model.cfg, patch_size=patch_size)  # validated again by DiTConfig.__post_init__
     with torch.device("meta"):
         resized = DiT(cfg)
     state = {key: value.clone() for key, value in model.state_dict().items()}
@@ -55,7 +54,7 @@ def resize_patch(model: DiT, patch_size: tuple[int, int, int]) -> DiT:
     # Conv3d kernel (D, C, pt, ph, pw): each new kernel position meets r repeated copies of one latent value.
     state["patch_embedding.weight"] = reduce(
         state["patch_embedding.weight"], "d c (t rt) (h rh) (w rw) -> d c t h w", "sum", rt=rt, rh=rh, rw=rw
-    )
+    )  # (D, C, pt, ph, pw) of the new patch
     # Head rows are ordered (pt ph pw c) as unpatchify reads them; each new row averages its r-block.
     c = cfg.out_channels
     pt, ph, pw = patch_size
@@ -63,7 +62,7 @@ def resize_patch(model: DiT, patch_size: tuple[int, int, int]) -> DiT:
     state["head.head.weight"] = reduce(
         state["head.head.weight"], f"{rows} d -> (t h w c) d", "mean",
         t=pt, h=ph, w=pw, rt=rt, rh=rh, rw=rw, c=c,
-    )
+    )  # (pt*ph*pw*C_out, D) of the new patch
     state["head.head.bias"] = reduce(
         state["head.head.bias"], f"{rows} -> (t h w c)", "mean", t=pt, h=ph, w=pw, rt=rt, rh=rh, rw=rw, c=c
     )
