@@ -24,7 +24,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from einops import rearrange, reduce
+from einops import reduce, repeat
 
 from dit.model import DiT
 
@@ -56,16 +56,11 @@ def resize_patch(model: DiT, patch_size: tuple[int, int, int]) -> DiT:
         state["patch_embedding.weight"], "d c (t rt) (h rh) (w rw) -> d c t h w", "sum", rt=rt, rh=rh, rw=rw
     )  # (D, C, pt, ph, pw) of the new patch
     # Head rows are ordered (pt ph pw c) as unpatchify reads them; each new row averages its r-block.
-    c = cfg.out_channels
     pt, ph, pw = patch_size
+    sizes = dict(t=pt, h=ph, w=pw, rt=rt, rh=rh, rw=rw, c=cfg.out_channels)
     rows = "(t rt h rh w rw c)"
-    state["head.head.weight"] = reduce(
-        state["head.head.weight"], f"{rows} d -> (t h w c) d", "mean",
-        t=pt, h=ph, w=pw, rt=rt, rh=rh, rw=rw, c=c,
-    )  # (pt*ph*pw*C_out, D) of the new patch
-    state["head.head.bias"] = reduce(
-        state["head.head.bias"], f"{rows} -> (t h w c)", "mean", t=pt, h=ph, w=pw, rt=rt, rh=rh, rw=rw, c=c
-    )
+    state["head.head.weight"] = reduce(state["head.head.weight"], f"{rows} d -> (t h w c) d", "mean", **sizes)  # (pt*ph*pw*C_out, D)
+    state["head.head.bias"] = reduce(state["head.head.bias"], f"{rows} -> (t h w c)", "mean", **sizes)  # (pt*ph*pw*C_out,)
     resized.load_state_dict(state, strict=True, assign=True)
     return resized
 
@@ -73,9 +68,7 @@ def resize_patch(model: DiT, patch_size: tuple[int, int, int]) -> DiT:
 def repeat_latents(x: torch.Tensor, ratio: tuple[int, int, int]) -> torch.Tensor:
     """Latents (B, C, T', H', W') -> (B, C, rt T', rh H', rw W'), each position repeated r times per axis."""
     rt, rh, rw = ratio
-    x = rearrange(x, "b c t h w -> b c t 1 h 1 w 1")
-    x = x.expand(-1, -1, -1, rt, -1, rh, -1, rw)  # (B, C, T', rt, H', rh, W', rw)
-    return rearrange(x, "b c t rt h rh w rw -> b c (t rt) (h rh) (w rw)")
+    return repeat(x, "b c t h w -> b c (t rt) (h rh) (w rw)", rt=rt, rh=rh, rw=rw)
 
 
 def pool_latents(x: torch.Tensor, ratio: tuple[int, int, int]) -> torch.Tensor:
