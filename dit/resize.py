@@ -59,8 +59,9 @@ def resize_patch(model: DiT, patch_size: tuple[int, int, int]) -> DiT:
     pt, ph, pw = patch_size
     sizes = dict(t=pt, h=ph, w=pw, rt=rt, rh=rh, rw=rw, c=cfg.out_channels)
     rows = "(t rt h rh w rw c)"
-    state["head.head.weight"] = reduce(state["head.head.weight"], f"{rows} d -> (t h w c) d", "mean", **sizes)  # (pt*ph*pw*C_out, D)
-    state["head.head.bias"] = reduce(state["head.head.bias"], f"{rows} -> (t h w c)", "mean", **sizes)  # (pt*ph*pw*C_out,)
+    weight, bias = "head.head.weight", "head.head.bias"
+    state[weight] = reduce(state[weight], f"{rows} d -> (t h w c) d", "mean", **sizes)  # (pt*ph*pw*C_out, D)
+    state[bias] = reduce(state[bias], f"{rows} -> (t h w c)", "mean", **sizes)  # (pt*ph*pw*C_out,)
     resized.load_state_dict(state, strict=True, assign=True)
     return resized
 
