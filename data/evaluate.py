@@ -9,6 +9,7 @@ Anything without a clear single object on a plain background reads as "unknown",
 zero rather than chance.
 
     python -m data.evaluate DIR     # media files with x.txt or x.json ({"prompt": ..., "group": ...}) sidecars
+    python -m data.evaluate DIR --groups seen heldout --by size shape   # + which sizes and shapes are missed
 """
 
 from __future__ import annotations
@@ -276,6 +277,38 @@ def accuracy_table(results: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(results: Sequence[Mapping[str, object]], by: Sequence[str]) -> str:
+    """Where the misses are: one row per combination of the values the prompts name for `by` (e.g. size
+    and shape: "small cross"), with its count and match rate per attribute, and what the misses of by[-1]
+    were read as. Each result needs "named" (parse_prompt) and "seen" (describe) besides `evaluate`'s keys;
+    results whose prompt names none of a `by` attribute fall in a "-" row."""
+    unknown = [attribute for attribute in by if attribute not in ATTRIBUTES]
+    if not by or unknown:
+        raise ValueError(f"by={list(by)}: must name one or more of {list(ATTRIBUTES)}")
+    rows: dict[tuple[str, ...], list[Mapping[str, object]]] = {}
+    for result in results:
+        key = tuple(str(result["named"][attribute] or "-") for attribute in by)
+        rows.setdefault(key, []).append(result)
+    last = by[-1]
+    width = max(len(" ".join(key)) for key in rows)
+    header = f"{' '.join(by):<{width}} {'n':>5} " + " ".join(f"{attribute:>8}" for attribute in ATTRIBUTES)
+    lines = [header + f"   {last} misread as", "-" * (len(header) + 20)]
+    for key in sorted(rows):
+        members = rows[key]
+        cells = []
+        for attribute in ATTRIBUTES:
+            scored = [bool(result[attribute]) for result in members if result.get(attribute) is not None]
+            cells.append(f"{sum(scored):>3}/{len(scored):<4}" if scored else f"{'-':>8}")
+        misread: dict[str, int] = {}
+        for result in members:
+            if result.get(last) is False:
+                reading = str(result["seen"][last])
+                misread[reading] = misread.get(reading, 0) + 1
+        readings = ", ".join(f"{reading} {count}" for reading, count in sorted(misread.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{' '.join(key):<{width}} {len(members):>5} " + " ".join(cells) + f"   {readings}")
+    return "\n".join(lines)
+
+
 def _sidecar(media: pathlib.Path) -> tuple[str, str | None] | None:
     """(prompt, group) from x.json or x.txt next to x.<ext>; None when neither names a prompt.
 
@@ -305,6 +338,12 @@ def main(argv: list[str] | None = None) -> None:
         epilog="example: python -m data.evaluate samples/   (files without a sidecar are skipped and counted)")
     parser.add_argument("folder", type=pathlib.Path, help="folder searched recursively for media files")
     parser.add_argument("--per-file", action="store_true", help="also print what was read from each file")
+    parser.add_argument("--groups", nargs="+", metavar="GROUP",
+                        help="score only files whose sidecar names one of these groups (e.g. seen heldout)")
+    parser.add_argument("--by", nargs="+", choices=ATTRIBUTES, metavar="ATTRIBUTE",
+                        help="also break the scores down by the values the prompts name for these attributes, "
+                             f"in order (any of {', '.join(ATTRIBUTES)}; e.g. --by size shape: a row per small "
+                             "cross, large square, ...) with what the misses of the last one were read as")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small clips one after another: intra-op threads cost more than they give
     media = sorted(path for path in args.folder.rglob("*") if path.suffix.lower() in MEDIA_SUFFIXES)
@@ -315,17 +354,24 @@ def main(argv: list[str] | None = None) -> None:
             skipped += 1
             continue
         prompt, group = sidecar
+        if args.groups and group not in args.groups:
+            continue
         try:
             seen = describe(path)
         except VideoReadError as err:  # an unreadable output shows nothing the prompt asked for
             print(f"unreadable, scored as showing nothing: {err}")
             seen = dict.fromkeys((*ATTRIBUTES, "background"), UNKNOWN)
-        results.append({**compare(parse_prompt(prompt), seen), "group": group})
+        named = parse_prompt(prompt)
+        results.append({**compare(named, seen), "group": group, "named": named, "seen": seen})
         if args.per_file:
             print(f"{path}: {prompt!r} -> {seen}")
     if not results:
-        parser.error(f"no media file with a .txt or .json sidecar under {args.folder}")
+        wanted = f" in groups {args.groups}" if args.groups else ""
+        parser.error(f"no media file with a .txt or .json sidecar{wanted} under {args.folder}")
     print(accuracy_table(results))
+    if args.by:
+        print()
+        print(breakdown_table(results, args.by))
     if skipped:
         print(f"({skipped} media files without a sidecar prompt were skipped)")
 

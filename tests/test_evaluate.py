@@ -8,7 +8,16 @@ import random
 import pytest
 import torch
 
-from data.evaluate import ATTRIBUTES, accuracy_table, compare, describe, evaluate, main, parse_prompt
+from data.evaluate import (
+    ATTRIBUTES,
+    accuracy_table,
+    breakdown_table,
+    compare,
+    describe,
+    evaluate,
+    main,
+    parse_prompt,
+)
 from data.synthetic import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SIZES, Scene, caption, render, sample_scene
 from data.video_io import read_clip, write_video
 
@@ -169,6 +178,57 @@ def test_accuracy_table_counts_per_attribute_and_group():
     assert rows["all"] == ["3", "66.7%", "66.7%", "100.0%", "50.0%"]
     assert rows["train"] == ["2", "100.0%", "50.0%", "-", "50.0%"]
     assert rows["heldout"] == ["1", "0.0%", "100.0%", "100.0%", "-"]
+
+
+def _scored(prompt: str, seen: dict) -> dict:
+    named = parse_prompt(prompt)
+    return {**compare(named, seen), "named": named, "seen": seen}
+
+
+def test_breakdown_table_counts_per_named_combination_and_what_misses_read_as():
+    def seen(shape, size="small", colour="red"):
+        return {"colour": colour, "shape": shape, "size": size, "motion": "left", "background": "black"}
+
+    results = [
+        _scored("a small red cross moving left", seen("circle")),
+        _scored("a small red cross moving left", seen("circle")),
+        _scored("a small red cross moving left", seen("unknown")),
+        _scored("a small red cross moving left", seen("cross")),
+        _scored("a large red cross moving left", seen("cross", size="large", colour="blue")),
+        _scored("a small red square moving left", seen("square")),
+        _scored("a red square moving left", seen("circle")),  # names no size: its own "-" row
+    ]
+    lines = breakdown_table(results, ["size", "shape"]).splitlines()
+    assert lines[0].split()[:4] == ["size", "shape", "n", "colour"]
+    rows = {" ".join(line.split()[:2]): line.split()[2:] for line in lines[2:]}
+    assert rows["small cross"][:5] == ["4", "4/4", "1/4", "4/4", "4/4"]
+    assert " ".join(rows["small cross"][5:]) == "circle 2, unknown 1"  # the misses of the last attribute
+    assert rows["large cross"][:5] == ["1", "0/1", "1/1", "1/1", "1/1"] and rows["large cross"][5:] == []
+    assert rows["- square"][:5] == ["1", "1/1", "0/1", "-", "1/1"] and rows["- square"][5:] == ["circle", "1"]
+    assert [key for key in rows] == sorted(rows)  # stable order: one table reads against another
+    by_shape = {line.split()[0]: line.split()[1] for line in breakdown_table(results, ["shape"]).splitlines()[2:]}
+    assert by_shape == {"cross": "5", "square": "2"}
+    with pytest.raises(ValueError, match="background"):
+        breakdown_table(results, ["background"])
+
+
+def test_cli_breaks_scores_down_within_the_chosen_groups(tmp_path, capsys):
+    cross = Scene(colour="green", shape="cross", size="small", motion="up", background="gray", start_x=0.5, start_y=0.5)
+    write_video(tmp_path / "a.mp4", render(cross, frames=17, size=64), fps=8)
+    (tmp_path / "a.json").write_text(json.dumps({"prompt": "a small green cross moving up", "group": "seen"}))
+    write_video(tmp_path / "b.mp4", render(cross, frames=17, size=64), fps=8)  # a cross where a square was asked
+    (tmp_path / "b.json").write_text(json.dumps({"prompt": "a small green square moving up", "group": "heldout"}))
+    write_video(tmp_path / "c.mp4", render(cross, frames=17, size=64), fps=8)
+    (tmp_path / "c.json").write_text(json.dumps({"prompt": "a small green square moving up", "group": "i2v"}))
+    main([str(tmp_path), "--groups", "seen", "heldout", "--by", "size", "shape"])
+    output = capsys.readouterr().out
+    assert output.splitlines()[2].split()[:3] == ["all", "2", "100.0%"]  # c (group i2v) left out
+    breakdown = output[output.index("size shape"):].splitlines()
+    rows = {" ".join(line.split()[:2]): line.split()[2:] for line in breakdown[2:]}
+    assert rows["small cross"][:3] == ["1", "1/1", "1/1"]
+    assert rows["small square"][:3] == ["1", "1/1", "0/1"] and rows["small square"][-2:] == ["cross", "1"]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--groups", "extend"])
 
 
 def test_cli_scores_a_folder_with_sidecars(tmp_path, capsys):
