@@ -360,6 +360,8 @@ def test_sigterm_saves_then_exits(tmp_path):
 LAYER_BASES = {
     "recipe-dit-finish.yaml": [ROOT / "configs/demo/recipe-dit.yaml"],
     "recipe-dit-finish-2.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml"],
+    "recipe-dit-fine.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml",
+                             ROOT / "configs/demo/recipe-dit-finish-2.yaml"],
 }
 
 
@@ -402,6 +404,32 @@ def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_wh
     assert stage.init_from == f"{before.run_dir}/export" and stage.run_dir != before.run_dir
     assert stage.optim.lr < before.optim.lr and stage.seed != before.seed
     named = {"run_dir", "init_from", "seed", "steps", "optim"}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in named:
+            assert getattr(stage, f.name) == getattr(stage_1, f.name), f.name
+    assert dataclasses.replace(stage.optim, lr=stage_1.optim.lr) == stage_1.optim
+
+
+def test_demo_dit_fine_stage_trains_the_resized_previous_export_at_the_new_patch_only():
+    """recipe-dit-fine.yaml trains what the Makefile's `dit.resize` writes from stage 3's export: it must read
+    that folder, change the DiT's and the condition masks' patch together (a mask cut at the old patch would
+    not cover the new tokens), and keep every other setting of stage 1 but the run's own."""
+    import dataclasses
+
+    from train import TrainConfig
+
+    bases = LAYER_BASES["recipe-dit-fine.yaml"]
+    stage_1, before = load_config(TrainConfig, bases[0]), load_config(TrainConfig, bases)
+    stage = load_config(TrainConfig, [*bases, ROOT / "configs/demo/recipe-dit-fine.yaml"])
+    makefile = (ROOT / "Makefile").read_text()
+    resize = f"dit.resize $(DEMO)/{Path(before.run_dir).name}/export --patch-size 1 2 2 --out $(DEMO)/dit-1x2x2"
+    assert resize in makefile and stage.init_from == "outputs/demo/dit-1x2x2"
+    assert f"cp -r $(DEMO)/{Path(stage.run_dir).name}/export weights/demo" in makefile
+    assert stage.run_dir not in (before.run_dir, stage.init_from) and stage.seed != before.seed
+    assert stage.dit.patch_size == stage.cond.patch_size == (1, 2, 2) != stage_1.dit.patch_size
+    assert dataclasses.replace(stage.dit, patch_size=stage_1.dit.patch_size) == stage_1.dit
+    assert dataclasses.replace(stage.cond, patch_size=stage_1.cond.patch_size) == stage_1.cond
+    named = {"run_dir", "init_from", "seed", "steps", "optim", "dit", "cond"}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in named:
             assert getattr(stage, f.name) == getattr(stage_1, f.name), f.name
