@@ -19,6 +19,7 @@ import json
 import os
 import pathlib
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -259,6 +260,11 @@ def compare(named: Mapping[str, str | None], seen: Mapping[str, str | None]) -> 
             for attribute in ATTRIBUTES}
 
 
+def _matches(results: Sequence[Mapping[str, object]], attribute: str) -> list[bool]:
+    """Match or not, for each result whose prompt names `attribute`."""
+    return [bool(result[attribute]) for result in results if result.get(attribute) is not None]
+
+
 def accuracy_table(results: Sequence[Mapping[str, object]]) -> str:
     """A text table of match rates per attribute over `results` (outputs of `evaluate`), one row for
     all results and one per distinct "group" value when results carry a "group" key."""
@@ -271,7 +277,7 @@ def accuracy_table(results: Sequence[Mapping[str, object]]) -> str:
     for group, members in groups.items():
         cells = []
         for attribute in ATTRIBUTES:
-            scored = [bool(result[attribute]) for result in members if result.get(attribute) is not None]
+            scored = _matches(members, attribute)
             cells.append(f"{100 * sum(scored) / len(scored):7.1f}%" if scored else f"{'-':>8}")
         lines.append(f"{group:<12} {len(members):>5} " + " ".join(cells))
     return "\n".join(lines)
@@ -297,14 +303,10 @@ def breakdown_table(results: Sequence[Mapping[str, object]], by: Sequence[str]) 
         members = rows[key]
         cells = []
         for attribute in ATTRIBUTES:
-            scored = [bool(result[attribute]) for result in members if result.get(attribute) is not None]
+            scored = _matches(members, attribute)
             cells.append(f"{sum(scored):>3}/{len(scored):<4}" if scored else f"{'-':>8}")
-        misread: dict[str, int] = {}
-        for result in members:
-            if result.get(last) is False:
-                reading = str(result["seen"][last])
-                misread[reading] = misread.get(reading, 0) + 1
-        readings = ", ".join(f"{reading} {count}" for reading, count in sorted(misread.items(), key=lambda kv: -kv[1]))
+        misread = Counter(str(result["seen"][last]) for result in members if result.get(last) is False)
+        readings = ", ".join(f"{reading} {count}" for reading, count in misread.most_common())
         lines.append(f"{' '.join(key):<{width}} {len(members):>5} " + " ".join(cells) + f"   {readings}")
     return "\n".join(lines)
 

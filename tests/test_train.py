@@ -387,13 +387,24 @@ def test_cli_takes_options_between_overrides(capsys):
     assert "unknown config key 'bogus'" in capsys.readouterr().err
 
 
+def _assert_same_but(stage, stage_1, *, named: set[str]) -> None:
+    """Every TrainConfig field outside `named` is stage 1's, and of the optimizer only the rate differs."""
+    import dataclasses
+
+    from train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in named:
+            assert getattr(stage, f.name) == getattr(stage_1, f.name), f.name
+    assert dataclasses.replace(stage.optim, lr=stage_1.optim.lr) == stage_1.optim
+
+
 @pytest.mark.parametrize("layer", ["recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml"])
 def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_what_they_name(layer):
     """configs/demo/recipe-dit-finish*.yaml layered over the stages before (as `make demo-train` runs them):
     each must read the previous stage's export and write elsewhere, or `make demo-train` would fine-tune the
     wrong weights or overwrite the ones it starts from; every other setting (model, data, diffusion, masks)
     is stage 1's."""
-    import dataclasses
 
     from train import TrainConfig
 
@@ -403,11 +414,7 @@ def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_wh
     stage = load_config(TrainConfig, [*bases, ROOT / "configs/demo" / layer])
     assert stage.init_from == f"{before.run_dir}/export" and stage.run_dir != before.run_dir
     assert stage.optim.lr < before.optim.lr and stage.seed != before.seed
-    named = {"run_dir", "init_from", "seed", "steps", "optim"}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in named:
-            assert getattr(stage, f.name) == getattr(stage_1, f.name), f.name
-    assert dataclasses.replace(stage.optim, lr=stage_1.optim.lr) == stage_1.optim
+    _assert_same_but(stage, stage_1, named={"run_dir", "init_from", "seed", "steps", "optim"})
 
 
 def test_demo_dit_fine_stage_trains_the_resized_previous_export_at_the_new_patch_only():
@@ -429,11 +436,7 @@ def test_demo_dit_fine_stage_trains_the_resized_previous_export_at_the_new_patch
     assert stage.dit.patch_size == stage.cond.patch_size == (1, 2, 2) != stage_1.dit.patch_size
     assert dataclasses.replace(stage.dit, patch_size=stage_1.dit.patch_size) == stage_1.dit
     assert dataclasses.replace(stage.cond, patch_size=stage_1.cond.patch_size) == stage_1.cond
-    named = {"run_dir", "init_from", "seed", "steps", "optim", "dit", "cond"}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in named:
-            assert getattr(stage, f.name) == getattr(stage_1, f.name), f.name
-    assert dataclasses.replace(stage.optim, lr=stage_1.optim.lr) == stage_1.optim
+    _assert_same_but(stage, stage_1, named={"run_dir", "init_from", "seed", "steps", "optim", "dit", "cond"})
 
 
 def test_cli_layers_repeated_configs_and_names_a_missing_later_one(tmp_path, capsys):
