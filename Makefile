@@ -36,7 +36,7 @@ demo-eval: $(STAMP)
 # then stage 3's export resized to 1x2x2 patches (dit.resize) and trained on by recipe-dit-fine.yaml.
 # DIT_STEPS overrides stage 1's steps (34500), DIT_FINISH_STEPS those of stages 2 and 3 (10000 each; 0 skips
 # them and stage 4, and ships stage 1), DIT_FINE_STEPS stage 4's (25000; 0 ships stage 3). The shipped
-# weights: all four, about 3 h 20 min on a 2-core CPU (stage 4 alone 2 h); `make demo-train DIT_STEPS=11500
+# weights: all four, about 3 h 25 min on a 2-core CPU, estimated (stage 4 alone 2 h 1 min, timed); `make demo-train DIT_STEPS=11500
 # DIT_FINISH_STEPS=0` takes about 36 min and follows prompts less well.
 DEMO := outputs/demo
 DIT_STAGE_2 := --config configs/demo/recipe-dit.yaml --config configs/demo/recipe-dit-finish.yaml
