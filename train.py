@@ -653,7 +653,8 @@ def export(run_dir: str | Path, out_dir: str | Path, *, which: str = ckpt.LATEST
 
     DiT runs: OUT/dit/, OUT/vae/ (copied from `vae_path`), OUT/text_encoder/ when the encoder is a local
     folder, and OUT/pipeline.json (diffusion config, encoder name, generation defaults). VAE runs: OUT/vae/
-    with the latent statistics measured at the end of training. Written beside OUT, then renamed.
+    with the latent statistics measured at the end of training (before then: init_from's when the run froze
+    the encoder, else none, with a warning). Written beside OUT, then renamed.
     """
     import shutil
 
@@ -672,7 +673,12 @@ def export(run_dir: str | Path, out_dir: str | Path, *, which: str = ckpt.LATEST
     else:
         from vae.training import export_vae
 
-        export_vae(cfg, weights, tmp, stats_file=Path(run_dir) / "latent_stats.json")
+        stats_file = Path(run_dir) / "latent_stats.json"
+        if not export_vae(cfg, weights, tmp, stats_file=stats_file):
+            # A DiT trained on latents without them sees each channel at its raw scale and offset.
+            print(f"warning: {out_dir}/vae has no latent statistics: {stats_file} is written when the run "
+                  f"finishes; measure them with `python -m vae.stats --vae {out_dir}/vae --manifest "
+                  f"{cfg.data.manifest}` before caching latents for a DiT", file=sys.stderr)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

@@ -158,12 +158,13 @@ def test_init_from_starts_a_run_from_saved_weights_with_a_fresh_optimizer(world,
         build_task(load_config(TrainConfig, None, [*vae_run, f"run_dir={tmp_path / 'c'}", f"init_from={tmp_path}"]))
 
 
-def test_a_run_with_its_encoder_frozen_exports_init_froms_latent_stats(world, tmp_path):
+def test_a_run_with_its_encoder_frozen_exports_init_froms_latent_stats(world, tmp_path, capsys):
     """Freezing the encoder and moments projection keeps the latents init_from's, so the export carries
-    init_from's statistics instead of measuring them; any trainable encoder weight means measuring again."""
+    init_from's statistics instead of measuring them, even before the run has finished; any trainable
+    encoder weight means measuring again, and an export before then says it has none."""
     import dataclasses
 
-    from train import TrainConfig, Trainer, build_task
+    from train import TrainConfig, Trainer, build_task, export
     from vae.model import CausalVAE
 
     source = CausalVAE.from_pretrained(world["vae"])
@@ -173,14 +174,23 @@ def test_a_run_with_its_encoder_frozen_exports_init_froms_latent_stats(world, tm
     marked.save_pretrained(tmp_path / "marked")
     run = ["task=vae", f"data.manifest={world['manifest']}", "steps=1", "ema.decay=0", "vae_loss.disc_weight=0",
            f"init_from={tmp_path / 'marked'}", "vae_stats_clips=2", *BUCKETS, *QUIET]  # fmt: skip
-    stats = {}
+    stats, mid_run = {}, {}
     for frozen in (r"vae\.(encoder|conv1)\.", r"vae\.encoder\."):
         cfg = load_config(TrainConfig, None, [*run, f"run_dir={tmp_path / str(len(stats))}"])
         cfg.optim.lr_scales = {frozen: 0.0}
         Trainer(cfg, build_task(cfg)).run()
         stats[frozen] = json.loads((Path(cfg.run_dir) / "latent_stats.json").read_text())
+        # an export before the run has finished (no latent_stats.json yet) knows only what it can carry
+        (Path(cfg.run_dir) / "latent_stats.json").unlink()
+        capsys.readouterr()  # drop the run's own output
+        folder = export(cfg.run_dir, tmp_path / f"mid-{len(stats)}")
+        mid_run[frozen] = CausalVAE.from_pretrained(folder / "vae").cfg, capsys.readouterr().err
     assert stats[r"vae\.(encoder|conv1)\."] == {"mean": [0.25] * channels, "std": [3.0] * channels}
     assert stats[r"vae\.encoder\."]["std"] != [3.0] * channels  # conv1 trained: measured afresh
+    carried, warning = mid_run[r"vae\.(encoder|conv1)\."]
+    assert (carried.latents_mean, carried.latents_std) == ([0.25] * channels, [3.0] * channels) and not warning
+    missing, warning = mid_run[r"vae\.encoder\."]
+    assert missing.latents_mean is None and "no latent statistics" in warning and "python -m vae.stats" in warning
 
 
 def sp_worker(overrides_json: str) -> None:

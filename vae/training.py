@@ -7,7 +7,6 @@ statistics at the end, and the export.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,7 +104,7 @@ class VAETask(StreamTask):
         """Per-channel latent statistics of the exported weights over the training data (vae/stats.py)."""
         from vae.stats import compute_latent_stats, manifest_clips
 
-        stats = self._carried_stats()
+        stats = carried_stats(self.cfg, self.model.vae)
         if stats is None:
             bucket = max(self.cfg.data.buckets.buckets(), key=self.cfg.data.buckets.tokens)
             clips = manifest_clips(Path(self.cfg.data.manifest), num_clips=self.cfg.vae_stats_clips,
@@ -114,22 +113,28 @@ class VAETask(StreamTask):
             stats = {"mean": mean, "std": std}
         (run_dir / "latent_stats.json").write_text(json.dumps(stats, indent=2))
 
-    def _carried_stats(self) -> dict[str, list[float]] | None:
-        """init_from's latent statistics when this run froze everything that makes the latents (the encoder
-        and the moments projection `conv1`, e.g. `optim.lr_scales` 0 for them): its latents are init_from's,
-        so measuring them again would only repeat its numbers. None otherwise, or when init_from has none."""
-        import checkpoint as ckpt
-        from vae.model import VAEConfig
+def carried_stats(cfg: TrainConfig, vae: torch.nn.Module) -> dict[str, list[float]] | None:
+    """init_from's latent statistics when the run freezes everything that makes the latents (the encoder
+    and the moments projection `conv1`: `optim.lr_scales` 0 for every one of their weights): its latents are
+    init_from's, so measuring them again would only repeat its numbers. None otherwise, or when init_from
+    has none."""
+    import re
 
-        if not self.cfg.init_from:
+    import checkpoint as ckpt
+    from vae.model import VAEConfig
+
+    if not cfg.init_from:
+        return None
+    names = [name for part in ("encoder", "conv1")
+             for name, _ in getattr(vae, part).named_parameters(prefix=f"vae.{part}")]  # as the optimizer names them
+    for name in names:  # the first pattern that matches decides, as in train.param_groups
+        scale = next((scale for pattern, scale in cfg.optim.lr_scales.items() if re.search(pattern, name)), 1.0)
+        if scale != 0:
             return None
-        vae = self.model.vae
-        if any(p.requires_grad for p in (*vae.encoder.parameters(), *vae.conv1.parameters())):
-            return None
-        saved = VAEConfig.from_json(ckpt.model_folder(self.cfg.init_from, part="vae") / "config.json")
-        if saved.latents_mean is None:
-            return None
-        return {"mean": saved.latents_mean, "std": saved.latents_std}
+    saved = VAEConfig.from_json(ckpt.model_folder(cfg.init_from, part="vae") / "config.json")
+    if saved.latents_mean is None:
+        return None
+    return {"mean": saved.latents_mean, "std": saved.latents_std}
 
 
 def vae_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,14 +142,16 @@ def vae_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name.removeprefix("vae."): value for name, value in weights.items() if name.startswith("vae.")}
 
 
-def export_vae(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path, *, stats_file: Path) -> None:
-    """OUT/vae with the latent statistics measured at the end of training (when `stats_file` exists)."""
+def export_vae(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path, *, stats_file: Path) -> bool:
+    """OUT/vae with the latent statistics measured at the end of training (`stats_file`). Before the run has
+    finished there are none yet: a run with its encoder frozen carries init_from's, any other is written
+    without. Returns whether the folder has statistics."""
     from vae.model import CausalVAE
 
-    vae_cfg = cfg.vae
-    if stats_file.is_file():
-        stats = json.loads(stats_file.read_text())
-        vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats["mean"], latents_std=stats["std"])
-    model = CausalVAE(vae_cfg)
+    model = CausalVAE(cfg.vae)
     model.load_state_dict(vae_weights(weights))
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else carried_stats(cfg, model)
+    if stats is not None:
+        model.set_latent_stats(stats["mean"], stats["std"])
     model.save_pretrained(out / "vae")
+    return stats is not None
