@@ -27,7 +27,7 @@ demo-eval: $(STAMP)
 
 # The recipe of weights/demo, from nothing: render the synthetic world, train the VAE (stills, then whole
 # 17-frame clips from that export, then the decoder's motion between latent frames and then its small moving
-# shapes, both with the encoder frozen; latent statistics come from stage 2), cache latents and text
+# shapes in two stages, all three with the encoder frozen; latent statistics come from stage 2), cache latents and text
 # embeddings, train the DiT,
 # ship its export. Each stage prints its time. On a machine shared with other
 # jobs, OMP_NUM_THREADS=1 make demo-train is faster (OpenMP threads spin waiting for busy cores).
@@ -35,15 +35,17 @@ demo-eval: $(STAMP)
 # recipe-dit-finish-2.yaml layered over it (warm restarts at lower rates, each from the previous export),
 # then stage 3's export resized to 1x2x2 patches (dit.resize) and trained on by recipe-dit-fine.yaml.
 # DIT_STEPS overrides stage 1's steps (34500), DIT_FINISH_STEPS those of stages 2 and 3 (10000 each; 0 skips
-# them and stage 4, and ships stage 1), DIT_FINE_STEPS stage 4's (25000; 0 ships stage 3). The shipped
-# weights: all four, about 3 h 25 min on a 2-core CPU, estimated (stage 4 alone 2 h 1 min, timed); `make demo-train DIT_STEPS=11500
-# DIT_FINISH_STEPS=0` takes about 36 min and follows prompts less well.
+# them and stage 4, and ships stage 1), DIT_FINE_STEPS stage 4's (25000; 0 ships stage 3). VAE_FINE_STEPS sets
+# VAE stage 5's steps (1200; 0 ships stage 4's decoder, whose latents are the same). The shipped weights: all
+# stages, about 3 h 40 min on a 2-core CPU, estimated (DiT stage 4 alone 2 h 1 min, VAE stage 5 14 min 31 s, timed);
+# `make demo-train DIT_STEPS=11500 DIT_FINISH_STEPS=0 VAE_FINE_STEPS=0` takes about 36 min and follows prompts less well.
 DEMO := outputs/demo
 DIT_STAGE_2 := --config configs/demo/recipe-dit.yaml --config configs/demo/recipe-dit-finish.yaml
 DIT_STAGE_3 := $(DIT_STAGE_2) --config configs/demo/recipe-dit-finish-2.yaml
 demo-train: SHELL := /bin/bash
 demo-train: $(STAMP)
-	rm -rf $(DEMO)/synth $(DEMO)/vae $(DEMO)/vae-clips $(DEMO)/vae-decoder $(DEMO)/vae-sharpen $(DEMO)/cache \
+	rm -rf $(DEMO)/synth $(DEMO)/vae $(DEMO)/vae-clips $(DEMO)/vae-decoder $(DEMO)/vae-sharpen \
+		$(DEMO)/vae-sharpen-2 $(DEMO)/cache \
 		$(DEMO)/dit $(DEMO)/dit-finish $(DEMO)/dit-finish-2 $(DEMO)/dit-1x2x2 $(DEMO)/dit-fine
 	time $(BIN)/python -m data.synthetic --out $(DEMO)/synth --clips 1500 --images 400 --heldout 0 \
 		--frames 17 --size 64 --seed 0
@@ -51,8 +53,14 @@ demo-train: $(STAMP)
 	time $(BIN)/python train.py --config configs/demo/recipe-vae-clips.yaml
 	time $(BIN)/python train.py --config configs/demo/recipe-vae-decoder.yaml
 	time $(BIN)/python train.py --config configs/demo/recipe-vae-sharpen.yaml
+ifeq ($(VAE_FINE_STEPS),0)
+	mkdir -p $(DEMO)/vae-sharpen-2/export && cp -r $(DEMO)/vae-sharpen/export/vae $(DEMO)/vae-sharpen-2/export/vae
+else
+	time $(BIN)/python train.py --config configs/demo/recipe-vae-sharpen.yaml --config configs/demo/recipe-vae-sharpen-2.yaml \
+		$(if $(VAE_FINE_STEPS),steps=$(VAE_FINE_STEPS))
+endif
 	time $(BIN)/python -m data.cache --manifest $(DEMO)/synth/manifest.csv \
-		--vae $(DEMO)/vae-sharpen/export/vae --out $(DEMO)/cache --buckets demo --decode-workers 1
+		--vae $(DEMO)/vae-sharpen-2/export/vae --out $(DEMO)/cache --buckets demo --decode-workers 1
 	time $(BIN)/python train.py --config configs/demo/recipe-dit.yaml $(if $(DIT_STEPS),steps=$(DIT_STEPS))
 ifeq ($(DIT_FINISH_STEPS),0)
 	rm -rf weights/demo && mkdir -p weights && cp -r $(DEMO)/dit/export weights/demo

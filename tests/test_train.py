@@ -240,17 +240,18 @@ def test_lr_scales_multiply_each_matching_parameters_first_adam_step(tmp_path):
     assert id(frozen) not in held and id(trainer.engine.module.get_parameter("0.weight")) in held
 
 
-@pytest.mark.parametrize(("stage", "resampler_scale"), [("decoder", 60.0), ("sharpen", 30.0)])
-def test_demo_vae_stages_3_and_4_freeze_the_encoder_and_speed_only_the_decoders_time_resamplers(
+@pytest.mark.parametrize(("stage", "resampler_scale"), [("decoder", 60.0), ("sharpen", 30.0), ("sharpen-2", 30.0)])
+def test_demo_vae_stages_3_to_5_freeze_the_encoder_and_speed_only_the_decoders_time_resamplers(
     stage, resampler_scale
 ):
-    """The regexes of configs/demo/recipe-vae-{decoder,sharpen}.yaml against the real parameter names: a typo
-    there would train the encoder (and change the latents the shipped DiT was trained on) or miss the
+    """The regexes of configs/demo/recipe-vae-{decoder,sharpen,sharpen-2}.yaml against the real parameter names:
+    a typo there would train the encoder (and change the latents the shipped DiT was trained on) or miss the
     resamplers."""
     from train import TrainConfig, param_groups
     from vae.training import VAEWithLoss
 
-    cfg = load_config(TrainConfig, ROOT / f"configs/demo/recipe-vae-{stage}.yaml")
+    name = f"recipe-vae-{stage}.yaml"
+    cfg = load_config(TrainConfig, [*LAYER_BASES.get(name, []), ROOT / "configs/demo" / name])
     model = VAEWithLoss(cfg.vae, cfg.vae_loss)
     scale = {id(p): group["lr_scale"] for group in param_groups(model, cfg.optim.lr_scales) for p in group["params"]}
     resamplers = 0
@@ -358,6 +359,7 @@ def test_sigterm_saves_then_exits(tmp_path):
 
 # Config files that are layers over another (train.py --config BASE --config LAYER), by file name.
 LAYER_BASES = {
+    "recipe-vae-sharpen-2.yaml": [ROOT / "configs/demo/recipe-vae-sharpen.yaml"],
     "recipe-dit-finish.yaml": [ROOT / "configs/demo/recipe-dit.yaml"],
     "recipe-dit-finish-2.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml"],
     "recipe-dit-fine.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml",
@@ -437,6 +439,32 @@ def test_demo_dit_fine_stage_trains_the_resized_previous_export_at_the_new_patch
     assert dataclasses.replace(stage.dit, patch_size=stage_1.dit.patch_size) == stage_1.dit
     assert dataclasses.replace(stage.cond, patch_size=stage_1.cond.patch_size) == stage_1.cond
     _assert_same_but(stage, stage_1, named={"run_dir", "init_from", "seed", "steps", "optim", "dit", "cond"})
+
+
+def test_demo_vae_stage_5_continues_stage_4_and_is_the_vae_the_dit_ships_with():
+    """recipe-vae-sharpen-2.yaml is stage 4 run on from its export: everything but the run's own folder, start
+    and length is stage 4's. Its export is what the Makefile caches latents with and what the DiT stages name
+    as vae_path (so the shipped folder gets this decoder, or stage 4's when the Makefile skips stage 5); with
+    the encoder frozen since stage 3 its latents are stage 2's either way."""
+    from train import TrainConfig
+
+    stage_4 = load_config(TrainConfig, ROOT / "configs/demo/recipe-vae-sharpen.yaml")
+    stage_5 = load_config(TrainConfig, [*LAYER_BASES["recipe-vae-sharpen-2.yaml"],
+                                        ROOT / "configs/demo/recipe-vae-sharpen-2.yaml"])
+    assert stage_5.init_from == f"{stage_4.run_dir}/export/vae" and stage_5.run_dir != stage_4.run_dir
+    _assert_same_but(stage_5, stage_4, named={"run_dir", "init_from", "steps"})
+    assert stage_5.optim == stage_4.optim
+    export = f"{stage_5.run_dir}/export/vae"
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"--vae $(DEMO)/{Path(stage_5.run_dir).name}/export/vae --out $(DEMO)/cache" in makefile
+    assert "--config configs/demo/recipe-vae-sharpen.yaml --config configs/demo/recipe-vae-sharpen-2.yaml" in makefile
+    # VAE_FINE_STEPS=0 puts stage 4's export where stage 5's would be, for the cache and the DiT stages to find
+    skip = f"cp -r $(DEMO)/{Path(stage_4.run_dir).name}/export/vae $(DEMO)/{Path(stage_5.run_dir).name}/export/vae"
+    assert skip in makefile
+    for layers in [[], ["recipe-dit-finish.yaml"], ["recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml"],
+                   ["recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml", "recipe-dit-fine.yaml"]]:
+        paths = [ROOT / "configs/demo/recipe-dit.yaml", *(ROOT / "configs/demo" / layer for layer in layers)]
+        assert load_config(TrainConfig, paths).vae_path == export, layers
 
 
 def test_cli_layers_repeated_configs_and_names_a_missing_later_one(tmp_path, capsys):
