@@ -250,6 +250,13 @@ def lr_at(step: int, *, optim: OptimConfig, total_steps: int) -> float:
     return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def lr_scale_for(lr_scales: dict[str, float], name: str) -> tuple[str | None, float]:
+    """The first pattern of `optim.lr_scales` that `re.search` finds in the parameter name, and its scale
+    (None and 1.0 when none does)."""
+    pattern = next((pattern for pattern in lr_scales if re.search(pattern, name)), None)
+    return pattern, lr_scales[pattern] if pattern is not None else 1.0
+
+
 def param_groups(model: torch.nn.Module, lr_scales: dict[str, float]) -> list[dict[str, Any]]:
     """Optimizer parameter groups, one per learning-rate scale (key "lr_scale"), in the model's order.
 
@@ -260,9 +267,8 @@ def param_groups(model: torch.nn.Module, lr_scales: dict[str, float]) -> list[di
     frozen: list[torch.nn.Parameter] = []
     unmatched = dict.fromkeys(lr_scales)
     for name, param in model.named_parameters():
-        pattern = next((pattern for pattern in lr_scales if re.search(pattern, name)), None)
+        pattern, scale = lr_scale_for(lr_scales, name)
         unmatched.pop(pattern, None)
-        scale = lr_scales[pattern] if pattern is not None else 1.0
         if scale == 0:
             frozen.append(param)
         elif param.requires_grad:

@@ -407,7 +407,6 @@ def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_wh
     each must read the previous stage's export and write elsewhere, or `make demo-train` would fine-tune the
     wrong weights or overwrite the ones it starts from; every other setting (model, data, diffusion, masks)
     is stage 1's."""
-
     from train import TrainConfig
 
     bases = LAYER_BASES[layer]
@@ -461,10 +460,9 @@ def test_demo_vae_stage_5_continues_stage_4_and_is_the_vae_the_dit_ships_with():
     # VAE_FINE_STEPS=0 puts stage 4's export where stage 5's would be, for the cache and the DiT stages to find
     skip = f"cp -r $(DEMO)/{Path(stage_4.run_dir).name}/export/vae $(DEMO)/{Path(stage_5.run_dir).name}/export/vae"
     assert skip in makefile
-    for layers in [[], ["recipe-dit-finish.yaml"], ["recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml"],
-                   ["recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml", "recipe-dit-fine.yaml"]]:
-        paths = [ROOT / "configs/demo/recipe-dit.yaml", *(ROOT / "configs/demo" / layer for layer in layers)]
-        assert load_config(TrainConfig, paths).vae_path == export, layers
+    for layer in ("recipe-dit.yaml", "recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml", "recipe-dit-fine.yaml"):
+        paths = [*LAYER_BASES.get(layer, []), ROOT / "configs/demo" / layer]
+        assert load_config(TrainConfig, paths).vae_path == export, layer
 
 
 def test_cli_layers_repeated_configs_and_names_a_missing_later_one(tmp_path, capsys):

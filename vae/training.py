@@ -118,19 +118,16 @@ def carried_stats(cfg: TrainConfig, vae: torch.nn.Module) -> dict[str, list[floa
     and the moments projection `conv1`: `optim.lr_scales` 0 for every one of their weights): its latents are
     init_from's, so measuring them again would only repeat its numbers. None otherwise, or when init_from
     has none."""
-    import re
-
     import checkpoint as ckpt
+    from train import lr_scale_for
     from vae.model import VAEConfig
 
     if not cfg.init_from:
         return None
     names = [name for part in ("encoder", "conv1")
              for name, _ in getattr(vae, part).named_parameters(prefix=f"vae.{part}")]  # as the optimizer names them
-    for name in names:  # the first pattern that matches decides, as in train.param_groups
-        scale = next((scale for pattern, scale in cfg.optim.lr_scales.items() if re.search(pattern, name)), 1.0)
-        if scale != 0:
-            return None
+    if any(lr_scale_for(cfg.optim.lr_scales, name)[1] != 0 for name in names):
+        return None
     saved = VAEConfig.from_json(ckpt.model_folder(cfg.init_from, part="vae") / "config.json")
     if saved.latents_mean is None:
         return None
