@@ -465,6 +465,19 @@ def test_demo_vae_stage_5_continues_stage_4_and_is_the_vae_the_dit_ships_with():
         assert load_config(TrainConfig, paths).vae_path == export, layer
 
 
+def test_shipped_demo_folder_samples_as_the_recipes_last_dit_stage_exports():
+    """weights/demo/pipeline.json is the export of the recipe's last DiT stage, float16 aside: a sampling
+    default changed in one and not the other would make `make demo-train` ship a model that samples unlike
+    the one measured in docs/demo.md."""
+    from train import TrainConfig
+
+    shipped = json.loads((ROOT / "weights/demo/pipeline.json").read_text())
+    last = load_config(TrainConfig, [*LAYER_BASES["recipe-dit-fine.yaml"], ROOT / "configs/demo/recipe-dit-fine.yaml"])
+    assert (shipped["steps"], shipped["guidance_scale"]) == (last.sample_defaults.steps,
+                                                              last.sample_defaults.guidance_scale)
+    assert (shipped["process"], shipped["shift"]) == (last.diffusion.process, last.diffusion.shift)
+
+
 def test_cli_layers_repeated_configs_and_names_a_missing_later_one(tmp_path, capsys):
     from train import cli
 
