@@ -16,6 +16,7 @@ from data.stream import BucketStream, StreamTask
 from dit.text_encoder import pad_text
 
 if TYPE_CHECKING:
+    from dit.pipeline import PipelineConfig
     from train import TrainConfig
 
 
@@ -148,7 +149,7 @@ def export_dit(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path) ->
     import shutil
 
     from dit.model import DiT
-    from dit.pipeline import PIPELINE_FILE, GenerationDefaults, PipelineConfig, write_json_atomic
+    from dit.pipeline import PIPELINE_FILE, write_json_atomic
 
     model = DiT(cfg.dit)
     model.load_state_dict(weights)
@@ -156,9 +157,16 @@ def export_dit(cfg: TrainConfig, weights: dict[str, torch.Tensor], out: Path) ->
     shutil.copytree(cfg.vae_path, out / "vae")
     if Path(cfg.text_encoder).is_dir():  # a local encoder travels with the model; a name or hub id does not
         shutil.copytree(cfg.text_encoder, out / "text_encoder")
+    write_json_atomic(out / PIPELINE_FILE, pipeline_config(cfg).to_json_dict())
+
+
+def pipeline_config(cfg: TrainConfig) -> PipelineConfig:
+    """What a DiT run's export writes to pipeline.json: its diffusion process, its text encoder and its
+    generation defaults (size and frame count from the largest bucket)."""
+    from dit.pipeline import GenerationDefaults, PipelineConfig
+
     bucket = max(cfg.data.buckets.buckets(), key=cfg.data.buckets.tokens)
     defaults = GenerationDefaults(height=bucket.height, width=bucket.width, frames=bucket.num_frames,
                                   sampler="euler" if cfg.diffusion.process == "flow" else "ddim",
                                   steps=cfg.sample_defaults.steps, guidance_scale=cfg.sample_defaults.guidance_scale)
-    pipeline = PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)
-    write_json_atomic(out / PIPELINE_FILE, pipeline.to_json_dict())
+    return PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from torch import nn
 
 from config import load_config
 from dit.parallel import free_port
+
+if TYPE_CHECKING:
+    from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4
@@ -247,11 +251,10 @@ def test_demo_vae_stages_3_to_5_freeze_the_encoder_and_speed_only_the_decoders_t
     """The regexes of configs/demo/recipe-vae-{decoder,sharpen,sharpen-2}.yaml against the real parameter names:
     a typo there would train the encoder (and change the latents the shipped DiT was trained on) or miss the
     resamplers."""
-    from train import TrainConfig, param_groups
+    from train import param_groups
     from vae.training import VAEWithLoss
 
-    name = f"recipe-vae-{stage}.yaml"
-    cfg = load_config(TrainConfig, [*LAYER_BASES.get(name, []), ROOT / "configs/demo" / name])
+    cfg = demo_stage(f"recipe-vae-{stage}.yaml")
     model = VAEWithLoss(cfg.vae, cfg.vae_loss)
     scale = {id(p): group["lr_scale"] for group in param_groups(model, cfg.optim.lr_scales) for p in group["params"]}
     resamplers = 0
@@ -367,6 +370,13 @@ LAYER_BASES = {
 }
 
 
+def demo_stage(name: str) -> TrainConfig:
+    """A configs/demo stage loaded as its command line in the Makefile loads it: over the stages it layers on."""
+    from train import TrainConfig
+
+    return load_config(TrainConfig, [*LAYER_BASES.get(name, []), ROOT / "configs/demo" / name])
+
+
 @pytest.mark.parametrize("path", sorted([*(ROOT / "configs" / "train").glob("*.yaml"), *(ROOT / "configs" / "demo").glob("*.yaml")]),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_training_config_loads_and_round_trips(path, tmp_path):
@@ -412,7 +422,7 @@ def test_demo_dit_later_stages_start_from_the_previous_export_and_change_only_wh
     bases = LAYER_BASES[layer]
     stage_1 = load_config(TrainConfig, bases[0])
     before = load_config(TrainConfig, bases)
-    stage = load_config(TrainConfig, [*bases, ROOT / "configs/demo" / layer])
+    stage = demo_stage(layer)
     assert stage.init_from == f"{before.run_dir}/export" and stage.run_dir != before.run_dir
     assert stage.optim.lr < before.optim.lr and stage.seed != before.seed
     _assert_same_but(stage, stage_1, named={"run_dir", "init_from", "seed", "steps", "optim"})
@@ -428,7 +438,7 @@ def test_demo_dit_fine_stage_trains_the_resized_previous_export_at_the_new_patch
 
     bases = LAYER_BASES["recipe-dit-fine.yaml"]
     stage_1, before = load_config(TrainConfig, bases[0]), load_config(TrainConfig, bases)
-    stage = load_config(TrainConfig, [*bases, ROOT / "configs/demo/recipe-dit-fine.yaml"])
+    stage = demo_stage("recipe-dit-fine.yaml")
     makefile = (ROOT / "Makefile").read_text()
     resize = f"dit.resize $(DEMO)/{Path(before.run_dir).name}/export --patch-size 1 2 2 --out $(DEMO)/dit-1x2x2"
     assert resize in makefile and stage.init_from == "outputs/demo/dit-1x2x2"
@@ -445,11 +455,8 @@ def test_demo_vae_stage_5_continues_stage_4_and_is_the_vae_the_dit_ships_with():
     and length is stage 4's. Its export is what the Makefile caches latents with and what the DiT stages name
     as vae_path (so the shipped folder gets this decoder, or stage 4's when the Makefile skips stage 5); with
     the encoder frozen since stage 3 its latents are stage 2's either way."""
-    from train import TrainConfig
 
-    stage_4 = load_config(TrainConfig, ROOT / "configs/demo/recipe-vae-sharpen.yaml")
-    stage_5 = load_config(TrainConfig, [*LAYER_BASES["recipe-vae-sharpen-2.yaml"],
-                                        ROOT / "configs/demo/recipe-vae-sharpen-2.yaml"])
+    stage_4, stage_5 = demo_stage("recipe-vae-sharpen.yaml"), demo_stage("recipe-vae-sharpen-2.yaml")
     assert stage_5.init_from == f"{stage_4.run_dir}/export/vae" and stage_5.run_dir != stage_4.run_dir
     _assert_same_but(stage_5, stage_4, named={"run_dir", "init_from", "steps"})
     assert stage_5.optim == stage_4.optim
@@ -461,21 +468,17 @@ def test_demo_vae_stage_5_continues_stage_4_and_is_the_vae_the_dit_ships_with():
     skip = f"cp -r $(DEMO)/{Path(stage_4.run_dir).name}/export/vae $(DEMO)/{Path(stage_5.run_dir).name}/export/vae"
     assert skip in makefile
     for layer in ("recipe-dit.yaml", "recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml", "recipe-dit-fine.yaml"):
-        paths = [*LAYER_BASES.get(layer, []), ROOT / "configs/demo" / layer]
-        assert load_config(TrainConfig, paths).vae_path == export, layer
+        assert demo_stage(layer).vae_path == export, layer
 
 
 def test_shipped_demo_folder_samples_as_the_recipes_last_dit_stage_exports():
     """weights/demo/pipeline.json is the export of the recipe's last DiT stage, float16 aside: a sampling
     default changed in one and not the other would make `make demo-train` ship a model that samples unlike
     the one measured in docs/demo.md."""
-    from train import TrainConfig
+    from dit.pipeline import read_pipeline_config
+    from dit.training import pipeline_config
 
-    shipped = json.loads((ROOT / "weights/demo/pipeline.json").read_text())
-    last = load_config(TrainConfig, [*LAYER_BASES["recipe-dit-fine.yaml"], ROOT / "configs/demo/recipe-dit-fine.yaml"])
-    assert (shipped["steps"], shipped["guidance_scale"]) == (last.sample_defaults.steps,
-                                                              last.sample_defaults.guidance_scale)
-    assert (shipped["process"], shipped["shift"]) == (last.diffusion.process, last.diffusion.shift)
+    assert read_pipeline_config(ROOT / "weights/demo") == pipeline_config(demo_stage("recipe-dit-fine.yaml"))
 
 
 def test_cli_layers_repeated_configs_and_names_a_missing_later_one(tmp_path, capsys):
