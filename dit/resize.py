@@ -15,6 +15,18 @@ r-block. Every block, the text, time and modulation layers are copied unchanged.
 resize (Beyer et al. 2023) for the case where the token count changes with the patch and not the input:
 the resized model sees each object r times larger than it was trained on, so it is a starting point for
 fine-tuning at the new patch size, not a finished model.
+
+`grow` makes a model deeper and its MLPs wider without changing what it computes:
+
+    python -m dit.resize weights/demo --num-layers 6 --ffn-dim 1024 --out outputs/demo/dit-grown
+
+The source's blocks keep their weights and are spread over the new depth; each new block starts with its
+three residual output projections (self-attention, cross-attention, MLP) at zero, so it adds nothing and
+the residual stream passes through it unchanged; each new MLP unit starts with its output column at zero.
+Every new weight that feeds those zeros is a fresh random one, so the gradients reach them from the first
+step (a zero there as well would keep a new block dead). It is the function-preserving growth of Net2Net
+(Chen et al. 2016) for a pre-norm residual stack: capacity added to a trained model that has stopped
+improving, without starting over.
 """
 
 from __future__ import annotations
@@ -66,6 +78,47 @@ def resize_patch(model: DiT, patch_size: tuple[int, int, int]) -> DiT:
     return resized
 
 
+@torch.no_grad()
+def grow(model: DiT, *, num_layers: int | None = None, ffn_dim: int | None = None, seed: int = 0) -> DiT:
+    """A DiT with `num_layers` blocks and MLPs `ffn_dim` wide that computes exactly what `model` computes
+    (module docstring); `seed` draws the new weights. None keeps the model's value."""
+    num_layers = model.cfg.num_layers if num_layers is None else int(num_layers)
+    ffn_dim = model.cfg.ffn_dim if ffn_dim is None else int(ffn_dim)
+    if num_layers < model.cfg.num_layers or ffn_dim < model.cfg.ffn_dim:
+        raise ValueError(f"num_layers={num_layers}, ffn_dim={ffn_dim}: growing cannot shrink the model's "
+                         f"num_layers={model.cfg.num_layers}, ffn_dim={model.cfg.ffn_dim}")
+    cfg = dataclasses.replace(model.cfg, num_layers=num_layers, ffn_dim=ffn_dim)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        grown = DiT(cfg)
+    state, source = grown.state_dict(), model.state_dict()
+    for key, value in source.items():
+        if not key.startswith("blocks."):
+            state[key] = value.clone()
+    old_layers, old_ffn = model.cfg.num_layers, model.cfg.ffn_dim
+    # Old block j goes to slot j * (N - 1) / (n - 1): first and last stay first and last, new ones fall between.
+    slots = [round(j * (num_layers - 1) / max(old_layers - 1, 1)) for j in range(old_layers)]
+    for j, slot in enumerate(slots):
+        prefix, new_prefix = f"blocks.{j}.", f"blocks.{slot}."
+        for key, value in source.items():
+            if not key.startswith(prefix):
+                continue
+            target = state[new_prefix + key[len(prefix):]]
+            if key.endswith(("ffn.0.weight", "ffn.0.bias")):  # (F, D) / (F,): the old units first
+                target[:old_ffn] = value
+            elif key.endswith("ffn.2.weight"):  # (D, F): the new units' columns start at zero
+                target.zero_()
+                target[:, :old_ffn] = value
+            else:
+                target.copy_(value)
+    for index in sorted(set(range(num_layers)) - set(slots)):
+        for layer in ("self_attn.o", "cross_attn.o", "ffn.2"):
+            state[f"blocks.{index}.{layer}.weight"].zero_()
+            state[f"blocks.{index}.{layer}.bias"].zero_()
+    grown.load_state_dict(state, strict=True)
+    return grown.to(next(model.parameters()).dtype)
+
+
 def repeat_latents(x: torch.Tensor, ratio: tuple[int, int, int]) -> torch.Tensor:
     """Latents (B, C, T', H', W') -> (B, C, rt T', rh H', rw W'), each position repeated r times per axis."""
     rt, rh, rw = ratio
@@ -81,30 +134,44 @@ def pool_latents(x: torch.Tensor, ratio: tuple[int, int, int]) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dit.resize",
-        description="Resize a trained DiT to a smaller spacetime patch (more, finer tokens) for fine-tuning: "
+        description="Resize a trained DiT for fine-tuning: to a smaller spacetime patch (more, finer tokens; "
                     "the resized model on latents L equals the source on L upsampled by old/new patch, "
-                    "averaged back (see the module docstring). Writes a DiT folder (model.safetensors + "
-                    "config.json) that train.py's init_from reads, with dit.patch_size and cond.patch_size "
-                    "set to the new patch.",
-        epilog="example: python -m dit.resize weights/demo --patch-size 1 2 2 --out outputs/demo/dit-1x2x2, "
+                    "averaged back) and/or to more blocks and wider MLPs (the grown model computes exactly "
+                    "what the source computes). See the module docstring. Writes a DiT folder "
+                    "(model.safetensors + config.json) that train.py's init_from reads, with the dit.* "
+                    "(and, for a new patch, cond.patch_size) settings set to the new model's.",
+        epilog="examples: python -m dit.resize weights/demo --patch-size 1 2 2 --out outputs/demo/dit-1x2x2, "
                "then python train.py --config ... init_from=outputs/demo/dit-1x2x2 dit.patch_size=[1,2,2] "
-               "cond.patch_size=[1,2,2]",
+               "cond.patch_size=[1,2,2]; python -m dit.resize weights/demo --num-layers 6 --ffn-dim 1024 "
+               "--out outputs/demo/dit-grown, then init_from=outputs/demo/dit-grown dit.num_layers=6 "
+               "dit.ffn_dim=1024",
     )
     parser.add_argument("src", help="a DiT folder (save_pretrained) or a model folder holding dit/")
-    parser.add_argument("--patch-size", type=int, nargs=3, required=True, metavar=("PT", "PH", "PW"),
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("PT", "PH", "PW"),
                         help="the new patch; each side must divide the source's")
+    parser.add_argument("--num-layers", type=int, help="blocks of the grown model (at least the source's)")
+    parser.add_argument("--ffn-dim", type=int, help="MLP width of the grown model (at least the source's)")
+    parser.add_argument("--seed", type=int, default=0, help="draws the grown model's new weights")
     parser.add_argument("--out", required=True, type=Path, help="output folder (model.safetensors + config.json)")
     args = parser.parse_args(argv)
+    if args.patch_size is None and args.num_layers is None and args.ffn_dim is None:
+        parser.error("nothing to change: give --patch-size, --num-layers and/or --ffn-dim")
     src = Path(args.src) / "dit" if (Path(args.src) / "dit" / "config.json").is_file() else Path(args.src)
     if not (src / "config.json").is_file():
         parser.error(f"{args.src}: no DiT config.json there or in {Path(args.src) / 'dit'}")
     model = DiT.from_pretrained(src)
+    resized = model
     try:
-        resized = resize_patch(model, tuple(args.patch_size))
+        if args.patch_size is not None:
+            resized = resize_patch(resized, tuple(args.patch_size))
+        if args.num_layers is not None or args.ffn_dim is not None:
+            resized = grow(resized, num_layers=args.num_layers, ffn_dim=args.ffn_dim, seed=args.seed)
     except ValueError as err:
         parser.error(str(err))
     resized.save_pretrained(args.out)
-    print(f"{src}: patch {model.cfg.patch_size} -> {resized.cfg.patch_size}; wrote {args.out}")
+    before, after = model.cfg, resized.cfg
+    print(f"{src}: patch {before.patch_size} -> {after.patch_size}, blocks {before.num_layers} -> "
+          f"{after.num_layers}, MLP {before.ffn_dim} -> {after.ffn_dim}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""dit.resize: a DiT resized to a smaller patch computes its source on repeated latents, averaged back."""
+"""dit.resize: a DiT resized to a smaller patch computes its source on repeated latents, averaged back; a grown
+DiT (more blocks, wider MLPs) computes exactly its source."""
 
 import pytest
 import torch
 from helpers import relative_error
 
+from dit.conditioning import model_timesteps
 from dit.model import DiT, DiTConfig
-from dit.resize import main, pool_latents, repeat_latents, resize_patch, resize_ratio
+from dit.resize import grow, main, pool_latents, repeat_latents, resize_patch, resize_ratio
 
 
 def _random_dit(patch_size, **overrides) -> DiT:
@@ -84,3 +86,60 @@ def test_cli_writes_a_loadable_resized_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "export"), "--patch-size", "1", "3", "3", "--out", str(tmp_path / "bad")])
     assert "must divide" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("layers", "ffn", "abs_pos"), [(4, None, True), (None, 128, False), (5, 160, True), (2, None, True)]
+)
+def test_grown_model_computes_its_source(layers, ffn, abs_pos):
+    source = _random_dit((1, 2, 2), abs_pos=abs_pos)  # debug preset: 2 blocks, MLP 96
+    grown = grow(source, num_layers=layers, ffn_dim=ffn)
+    assert grown.cfg.num_layers == (layers or 2) and grown.cfg.ffn_dim == (ffn or 96)
+    x, t, text, mask = _inputs(grown, 3, 4, 6)
+    cond_mask = torch.zeros(2, 3, 4, 6, dtype=torch.bool)
+    cond_mask[0, 0] = True  # per-token timesteps too, as image-to-video samples them
+    with torch.no_grad():
+        for timesteps in (t, model_timesteps(t, cond_mask, grown.cfg.patch_size)):
+            ours, reference = grown(x, timesteps, text, mask), source(x, timesteps, text, mask)
+            assert relative_error(ours, reference) < 1e-6 and reference.abs().mean() > 0.05
+
+
+def test_grown_blocks_learn_from_the_first_step():
+    """Zeroed output projections pass nothing forward, but their gradients are not zero: a new block that
+    could not learn would be dead weight."""
+    grown = grow(_random_dit((1, 2, 2)), num_layers=4, ffn_dim=128).train()
+    x, t, text, mask = _inputs(grown, 2, 4, 4)
+    grown(x, t, text, mask).square().mean().backward()
+    for index in (1, 2):  # the new blocks (the source's two go first and last)
+        for layer in ("self_attn.o", "cross_attn.o", "ffn.2"):
+            block_layer = grown.get_submodule(f"blocks.{index}.{layer}")
+            assert not block_layer.weight.any() and block_layer.weight.grad.abs().sum() > 0
+    new_units = grown.blocks[0].ffn[2]  # an old block's MLP: columns 96-127 are its new units
+    assert not new_units.weight[:, 96:].any() and new_units.weight.grad[:, 96:].abs().sum() > 0
+
+
+def test_grow_keeps_old_blocks_in_order_and_refuses_to_shrink():
+    source = _random_dit((1, 2, 2), num_layers=3)
+    grown = grow(source, num_layers=7, seed=5)
+    for old, new in ((0, 0), (1, 3), (2, 6)):
+        assert torch.equal(grown.blocks[new].self_attn.q.weight, source.blocks[old].self_attn.q.weight)
+    again, other = grow(source, num_layers=7, seed=5), grow(source, num_layers=7, seed=6)
+    assert torch.equal(again.blocks[1].self_attn.q.weight, grown.blocks[1].self_attn.q.weight)
+    assert not torch.equal(other.blocks[1].self_attn.q.weight, grown.blocks[1].self_attn.q.weight)
+    for bad in ({"num_layers": 2}, {"ffn_dim": 8}):
+        with pytest.raises(ValueError, match="cannot shrink"):
+            grow(source, **bad)
+
+
+def test_cli_grows_and_resizes_in_one_call(tmp_path, capsys):
+    source = _random_dit((1, 4, 4))
+    source.save_pretrained(tmp_path / "dit")
+    main([str(tmp_path / "dit"), "--patch-size", "1", "2", "2", "--num-layers", "3", "--ffn-dim", "128",
+          "--out", str(tmp_path / "grown")])
+    assert "blocks 2 -> 3, MLP 96 -> 128" in capsys.readouterr().out
+    loaded = DiT.from_pretrained(tmp_path / "grown")
+    expected = grow(resize_patch(source, (1, 2, 2)), num_layers=3, ffn_dim=128).state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "dit"), "--out", str(tmp_path / "nothing")])
+    assert "nothing to change" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
