@@ -116,7 +116,8 @@ def grow(model: DiT, *, num_layers: int | None = None, ffn_dim: int | None = Non
             state[f"blocks.{index}.{layer}.weight"].zero_()
             state[f"blocks.{index}.{layer}.bias"].zero_()
     grown.load_state_dict(state, strict=True)
-    return grown.to(next(model.parameters()).dtype)
+    reference = next(model.parameters())
+    return grown.to(reference.device, reference.dtype)
 
 
 def repeat_latents(x: torch.Tensor, ratio: tuple[int, int, int]) -> torch.Tensor:
