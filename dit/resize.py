@@ -91,31 +91,29 @@ def grow(model: DiT, *, num_layers: int | None = None, ffn_dim: int | None = Non
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         grown = DiT(cfg)
-    state, source = grown.state_dict(), model.state_dict()
-    for key, value in source.items():
+    # state_dict() tensors share the parameters' storage: writing into them in place sets the grown model.
+    state = grown.state_dict()
+    for key, value in model.state_dict().items():
         if not key.startswith("blocks."):
-            state[key] = value.clone()
-    old_layers, old_ffn = model.cfg.num_layers, model.cfg.ffn_dim
+            state[key].copy_(value)
+    old_ffn = model.cfg.ffn_dim
     # Old block j goes to slot j * (N - 1) / (n - 1): first and last stay first and last, new ones fall between.
-    slots = [round(j * (num_layers - 1) / max(old_layers - 1, 1)) for j in range(old_layers)]
-    for j, slot in enumerate(slots):
-        prefix, new_prefix = f"blocks.{j}.", f"blocks.{slot}."
-        for key, value in source.items():
-            if not key.startswith(prefix):
-                continue
-            target = state[new_prefix + key[len(prefix):]]
-            if key.endswith(("ffn.0.weight", "ffn.0.bias")):  # (F, D) / (F,): the old units first
-                target[:old_ffn] = value
-            elif key.endswith("ffn.2.weight"):  # (D, F): the new units' columns start at zero
-                target.zero_()
-                target[:, :old_ffn] = value
+    slots = [round(j * (num_layers - 1) / max(model.cfg.num_layers - 1, 1)) for j in range(model.cfg.num_layers)]
+    for old, slot in zip(model.blocks, slots, strict=True):
+        targets = grown.blocks[slot].state_dict()
+        for key, value in old.state_dict().items():
+            if key in ("ffn.0.weight", "ffn.0.bias"):  # (F, D) / (F,): the old units first
+                targets[key][:old_ffn] = value
+            elif key == "ffn.2.weight":  # (D, F): the new units' columns start at zero
+                targets[key].zero_()
+                targets[key][:, :old_ffn] = value
             else:
-                target.copy_(value)
+                targets[key].copy_(value)
     for index in sorted(set(range(num_layers)) - set(slots)):
         for layer in ("self_attn.o", "cross_attn.o", "ffn.2"):
-            state[f"blocks.{index}.{layer}.weight"].zero_()
-            state[f"blocks.{index}.{layer}.bias"].zero_()
-    grown.load_state_dict(state, strict=True)
+            projection = grown.blocks[index].get_submodule(layer)
+            projection.weight.zero_()
+            projection.bias.zero_()
     reference = next(model.parameters())
     return grown.to(reference.device, reference.dtype)
 
