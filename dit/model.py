@@ -111,6 +111,10 @@ class DiTConfig:
     Latte have one; Wan relies on RoPE alone). RoPE tells a token only where others are relative to it;
     this tells it which frame and which part of the frame it is in, which a prompt's "moving left" needs
     at high noise (start on the right, end on the left). No parameters: Wan's weights load either way."""
+    self_cond: bool = False
+    """Self-conditioning (Chen et al. 2022): the patch embedding also reads the model's previous estimate
+    of the clean latents (`x0_prev`, C more input channels; zeros where there is none yet), so a sampler
+    step can refine what the step before it committed to instead of guessing again from the noise."""
     checkpoint_policy: str = "full"
     """With gradient_checkpointing: "full" keeps only block inputs (least memory); "attention" also keeps
     the attention kernels' outputs and recomputes the rest (faster when attention dominates: long videos)."""
@@ -305,7 +309,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(
-            cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
+            cfg.in_channels * (2 if cfg.self_cond else 1), d, kernel_size=cfg.patch_size, stride=cfg.patch_size
         )
         self.text_embedding = nn.Sequential(
             nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
@@ -378,9 +382,23 @@ class DiT(nn.Module):
     # -- forward, in three steps ----------------------------------------------------------------------
     # `forward` is embed -> run_blocks -> finish. The steps are public so that dit/parallel.py can shard
     # the state between them (sequence parallelism) without the model knowing about ranks.
-    def embed(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> DiTState:
-        """Latents (B, C, T', H', W'), timesteps, text (B, S, Dt) and mask (B, S) -> everything the blocks read."""
+    def embed(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        x0_prev: torch.Tensor | None = None,
+    ) -> DiTState:
+        """Latents (B, C, T', H', W'), timesteps, text (B, S, Dt) and mask (B, S) -> everything the blocks read.
+
+        `x0_prev` (B, C, T', H', W'): the previous clean-latent estimate of a self-conditioned model (None
+        reads as zeros: no estimate yet)."""
         batch, _, frames, height, width = x.shape
+        if self.cfg.self_cond:
+            x = torch.cat([x, torch.zeros_like(x) if x0_prev is None else x0_prev.to(x.dtype)], dim=1)  # (B, 2C, ...)
+        elif x0_prev is not None:
+            raise ValueError("x0_prev: this DiT has no self-conditioning input (its config has self_cond=False)")
         grid = self.validate_latent_shape(frames, height, width)
         if text.shape[1] > self.cfg.text_len:
             raise ValueError(f"text length {text.shape[1]}: must be <= text_len={self.cfg.text_len}")
@@ -455,9 +473,14 @@ class DiT(nn.Module):
         return unpatchify(out, state.grid, self.cfg.patch_size)  # (B, C_out, T', H', W')
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        x0_prev: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        state = self.embed(x, t, text, text_mask)
+        state = self.embed(x, t, text, text_mask, x0_prev)
         return self.finish(state, self.run_blocks(state))  # (B, C_out, T', H', W')
 
     # -- bookkeeping -------------------------------------------------------------------------------

@@ -405,9 +405,14 @@ class SequenceParallelDiT(DiT):
         )
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        x0_prev: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        state = self.embed(x, t, text, text_mask)  # the same full state on every rank
+        state = self.embed(x, t, text, text_mask, x0_prev)  # the same full state on every rank
         local = self.shard(state)
         with ulysses_attention(self.group):
             tokens = self.run_blocks(local)  # (B, L/sp, D)

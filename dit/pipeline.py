@@ -286,9 +286,12 @@ class Pipeline:
         with self._working(self.vae):
             return self.vae.decode(latents.to(self.dtype), tiling=self.vae_tiling)  # (1, 3, T, H, W)
 
-    def _denoiser(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
+    def _denoiser(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                  x0_prev: torch.Tensor | None = None):
         # The sampler keeps its state in float32; the DiT computes in its own dtype.
-        return self.dit(x.to(self.dtype), t, text, text_mask)  # (B, C, T', H', W')
+        if x0_prev is not None:
+            x0_prev = x0_prev.to(self.dtype)
+        return self.dit(x.to(self.dtype), t, text, text_mask, x0_prev)  # (B, C, T', H', W')
 
     def _noise(self, request: GenerationRequest, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
         """The initial noise from the seed, and the generator that goes on to draw the sampler's noise.
@@ -363,5 +366,5 @@ class Pipeline:
                 cond_mask=None if condition is None else condition.mask,
                 init_latents=source, strength=request.strength,
                 generator=generator, progress=progress,
-                patch_size=tuple(self.dit.cfg.patch_size),
+                patch_size=tuple(self.dit.cfg.patch_size), self_cond=self.dit.cfg.self_cond,
             )  # (1, C, T', H', W')

@@ -27,6 +27,12 @@ Every new weight that feeds those zeros is a fresh random one, so the gradients 
 step (a zero there as well would keep a new block dead). It is the function-preserving growth of Net2Net
 (Chen et al. 2016) for a pre-norm residual stack: capacity added to a trained model that has stopped
 improving, without starting over.
+
+`add_self_cond` gives a trained model the self-conditioning input (DiTConfig.self_cond) at zero weight,
+so it computes what it computed whatever estimate it is given, and learns to read it in a fine-tune
+with `diffusion.self_cond` > 0:
+
+    python -m dit.resize weights/demo --self-cond --out outputs/demo/dit-self-cond
 """
 
 from __future__ import annotations
@@ -118,6 +124,21 @@ def grow(model: DiT, *, num_layers: int | None = None, ffn_dim: int | None = Non
     return grown.to(reference.device, reference.dtype)
 
 
+@torch.no_grad()
+def add_self_cond(model: DiT) -> DiT:
+    """`model` with the self-conditioning input: the patch embedding's new input channels (the estimate's)
+    start at zero, so the result computes exactly what `model` computes for any `x0_prev`."""
+    if model.cfg.self_cond:
+        raise ValueError("the model is self-conditioned already (its config has self_cond=True)")
+    with torch.device("meta"):
+        conditioned = DiT(dataclasses.replace(model.cfg, self_cond=True))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    weight = state["patch_embedding.weight"]  # (D, C, pt, ph, pw)
+    state["patch_embedding.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # (D, 2C, pt, ph, pw)
+    conditioned.load_state_dict(state, strict=True, assign=True)
+    return conditioned
+
+
 def repeat_latents(x: torch.Tensor, ratio: tuple[int, int, int]) -> torch.Tensor:
     """Latents (B, C, T', H', W') -> (B, C, rt T', rh H', rw W'), each position repeated r times per axis."""
     rt, rh, rw = ratio
@@ -151,10 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-layers", type=int, help="blocks of the grown model (at least the source's)")
     parser.add_argument("--ffn-dim", type=int, help="MLP width of the grown model (at least the source's)")
     parser.add_argument("--seed", type=int, default=0, help="draws the grown model's new weights")
+    parser.add_argument("--self-cond", action="store_true",
+                        help="add the self-conditioning input at zero weight (then train with dit.self_cond=true "
+                             "diffusion.self_cond=0.5)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (model.safetensors + config.json)")
     args = parser.parse_args(argv)
-    if args.patch_size is None and args.num_layers is None and args.ffn_dim is None:
-        parser.error("nothing to change: give --patch-size, --num-layers and/or --ffn-dim")
+    if args.patch_size is None and args.num_layers is None and args.ffn_dim is None and not args.self_cond:
+        parser.error("nothing to change: give --patch-size, --num-layers, --ffn-dim and/or --self-cond")
     src = Path(args.src) / "dit" if (Path(args.src) / "dit" / "config.json").is_file() else Path(args.src)
     if not (src / "config.json").is_file():
         parser.error(f"{args.src}: no DiT config.json there or in {Path(args.src) / 'dit'}")
@@ -165,12 +189,15 @@ def main(argv: list[str] | None = None) -> None:
             resized = resize_patch(resized, tuple(args.patch_size))
         if args.num_layers is not None or args.ffn_dim is not None:
             resized = grow(resized, num_layers=args.num_layers, ffn_dim=args.ffn_dim, seed=args.seed)
+        if args.self_cond:
+            resized = add_self_cond(resized)
     except ValueError as err:
         parser.error(str(err))
     resized.save_pretrained(args.out)
     before, after = model.cfg, resized.cfg
     print(f"{src}: patch {before.patch_size} -> {after.patch_size}, blocks {before.num_layers} -> "
-          f"{after.num_layers}, MLP {before.ffn_dim} -> {after.ffn_dim}; wrote {args.out}")
+          f"{after.num_layers}, MLP {before.ffn_dim} -> {after.ffn_dim}, self-conditioned {before.self_cond} -> "
+          f"{after.self_cond}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dit.conditioning import model_timesteps, position_mask, sdedit_start_step
-from dit.diffusion import DDPM, FlowMatching, Model, Process, draw_noise, num_tokens
+from dit.diffusion import (
+    DDPM,
+    FlowMatching,
+    Model,
+    Process,
+    draw_noise,
+    num_tokens,
+    self_cond_estimate,
+    self_cond_input,
+)
 from dit.text_encoder import pad_text
 
 SAMPLERS = {"ddpm": DDPM, "ddim": DDPM, "euler": FlowMatching, "heun": FlowMatching, "euler_a": FlowMatching}
@@ -207,12 +216,17 @@ class _Denoiser:
     classifier_log_prob: ClassifierLogProb | None
     classifier_scale: float
     patch_size: tuple[int, int, int]
+    self_cond: bool = False
+    x0_prev: Tensor | None = None
+    """A self-conditioned model's last clean-latent estimate, per stacked copy; None before the first call."""
 
     def __call__(self, x: Tensor, t_value: float) -> Tensor:
         t = torch.full((x.shape[0],), t_value, dtype=torch.float32, device=x.device)  # (B,)
         t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
         if self.guidance_scale == 1.0:
-            pred = self.process.as_target(self.model(x, t_model, self.text, self.text_mask).float(), x, t)
+            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x, 1)).float()
+            self._keep_estimate(raw, x, t, 1)
+            pred = self.process.as_target(raw, x, t)
         else:
             # Conditional and unconditional in one batched forward: [cond; uncond].
             length = max(self.text.shape[1], self.neg_text.shape[1])
@@ -223,7 +237,9 @@ class _Denoiser:
                 torch.cat([t_model, t_model]),
                 torch.cat([text, neg_text]),  # (2B, S, Dt)
                 torch.cat([text_mask, neg_mask]),  # (2B, S)
+                **self._self_cond_input(x, 2),
             ).float()
+            self._keep_estimate(both, x, t, 2)
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
             cond, uncond = (self.process.as_target(part, x, t) for part in both.chunk(2))  # (B, C, T', H', W') each
             pred = uncond + self.guidance_scale * (cond - uncond)
@@ -233,6 +249,22 @@ class _Denoiser:
             score = self.classifier_scale * classifier_score(self.classifier_log_prob, x, t_model)
             pred = self.process.add_score(pred, x, t, score)
         return pred
+
+    def _self_cond_input(self, x: Tensor, copies: int) -> dict[str, Tensor]:
+        """The `x0_prev` keyword of a self-conditioned model's call on `copies` stacked copies of x (none otherwise).
+
+        Each copy (conditional, unconditional) reads its own previous estimate, as it was trained to."""
+        if not self.self_cond:
+            return {}
+        xs = torch.cat([x] * copies)  # (copies*B, C, T', H', W')
+        estimate = self.x0_prev if self.x0_prev is not None else torch.zeros_like(xs)
+        mask = None if self.cond_mask is None else torch.cat([self.cond_mask] * copies)
+        return {"x0_prev": self_cond_input(estimate, xs, mask)}
+
+    def _keep_estimate(self, raw: Tensor, x: Tensor, t: Tensor, copies: int) -> None:
+        if self.self_cond:
+            xs, ts = torch.cat([x] * copies), torch.cat([t] * copies)
+            self.x0_prev = self_cond_estimate(self.process, raw, xs, ts)  # (copies*B, C, T', H', W')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,6 +299,7 @@ def sample(
     callback: Callback | None = None,
     progress: bool = True,
     patch_size: tuple[int, int, int] = (1, 2, 2),
+    self_cond: bool = False,
 ) -> Tensor:
     """Generate clean latents (B, C, T', H', W') from `noise` of that shape.
 
@@ -275,7 +308,8 @@ def sample(
     prompt for plain CFG) as neg_text / neg_mask. cond_latents / cond_mask (B, T', H', W') hold the clean
     condition (see dit.conditioning). Video-to-video (SDEdit): init_latents noised to the level of step
     `sdedit_start_step(steps, strength)` and sampled from there. `generator` draws the stochastic
-    samplers' noise (ddpm, ddim with eta > 0, euler_a).
+    samplers' noise (ddpm, ddim with eta > 0, euler_a). `self_cond`: the model is self-conditioned
+    (DiTConfig.self_cond) and each call gets its previous clean-latent estimate as `x0_prev`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: must be one of {sorted(SAMPLERS)}")
@@ -294,7 +328,7 @@ def sample(
         cond_mask = cond_mask.to(noise.device)
     denoise = _Denoiser(
         model, process, text, text_mask, neg_text, neg_mask, guidance_scale, guidance_rescale,
-        cond_mask, classifier_log_prob, classifier_scale, patch_size,
+        cond_mask, classifier_log_prob, classifier_scale, patch_size, self_cond,
     )  # fmt: skip
     grid = time_grid(process, steps, spacing=spacing, tokens=num_tokens(noise.shape, patch_size))
     start = 0 if init_latents is None else sdedit_start_step(steps, strength)

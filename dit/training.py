@@ -81,14 +81,17 @@ class DiTTask(StreamTask):
         cond_mask = sample_cond_mask(self.cfg.cond, batch_size, frames, height, width, generator).to(self.device)
         dtype = next(model.parameters()).dtype  # bf16/fp16 engines hold half weights; feed them half inputs
 
-        def predict(x, t, text, text_mask):  # noqa: ANN001, ANN202 (training_loss's model signature)
-            return model(x.to(dtype), t, text.to(dtype), text_mask)
+        def predict(x, t, text, text_mask, x0_prev=None):  # noqa: ANN001, ANN202 (training_loss's model signature)
+            if x0_prev is None:
+                return model(x.to(dtype), t, text.to(dtype), text_mask)
+            return model(x.to(dtype), t, text.to(dtype), text_mask, x0_prev=x0_prev.to(dtype))
 
         loss, logs = training_loss(predict, latents, process=self.process, text=text, text_mask=text_mask,
                                    cond_mask=cond_mask, generator=generator, patch_size=self.cfg.dit.patch_size,
                                    detail_weight=self.cfg.diffusion.detail_weight,
                                    input_perturbation=self.cfg.diffusion.input_perturbation,
-                                   blur_path=self.cfg.diffusion.blur_path, blur_sigma=self.cfg.diffusion.blur_sigma)
+                                   blur_path=self.cfg.diffusion.blur_path, blur_sigma=self.cfg.diffusion.blur_sigma,
+                                   self_cond=self.cfg.diffusion.self_cond)
         return loss, {f"dit/{key}": float(value) for key, value in logs.items() if key != "loss"}
 
     def tokens(self, batch: dict) -> int:
@@ -120,7 +123,7 @@ class DiTTask(StreamTask):
         text, text_mask = self.text_encoder.encode(prompts)  # (N, S, Dt), (N, S)
         latents = sample(model, noise, process=self.process, sampler="euler" if self.cfg.diffusion.process == "flow"
                          else "ddim", steps=self.cfg.log.sample_steps, text=text, text_mask=text_mask, progress=False,
-                         patch_size=self.cfg.dit.patch_size)  # (N, C, T', H', W')
+                         patch_size=self.cfg.dit.patch_size, self_cond=self.cfg.dit.self_cond)  # (N, C, T', H', W')
         videos = self.vae.decode(latents)  # (N, 3, T, H, W)
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, video in enumerate(videos):
@@ -139,6 +142,10 @@ def _check_dit_fits(cfg: TrainConfig, *, text_dim: int, max_text_len: int, laten
                          f"(text_encoder={cfg.text_encoder!r})")
     if cfg.dit.text_len < max_text_len:
         raise ValueError(f"dit.text_len={cfg.dit.text_len}: must be >= the text encoder's max_length {max_text_len}")
+    if cfg.dit.self_cond != (cfg.diffusion.self_cond > 0):
+        raise ValueError(f"dit.self_cond={cfg.dit.self_cond} with diffusion.self_cond={cfg.diffusion.self_cond}: a "
+                         "self-conditioned DiT learns to read its estimate only from batches that give it one, so set "
+                         "both (e.g. dit.self_cond=true diffusion.self_cond=0.5) or neither")
     if cfg.dit.in_channels != latent_channels:
         raise ValueError(f"dit.in_channels={cfg.dit.in_channels}: must equal the VAE's latent channels "
                          f"{latent_channels} (vae_path={cfg.vae_path!r})")

@@ -259,6 +259,47 @@ def test_training_loss_is_zero_for_the_exact_model(process, conditioned):
     assert float(wrong) > 0.1
 
 
+@pytest.mark.parametrize("process", [FlowMatching(), DDPM(prediction="v", schedule="cosine")], ids=["flow", "ddpm-v"])
+def test_self_conditioning_feeds_the_estimate_of_a_first_pass_without_gradients(process):
+    x0 = torch.randn(3, 3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond_mask = image_to_video(x0[:, :, :1], latent_frames=3).mask  # frame 0 clean
+    text, text_mask = torch.zeros(3, 2, 8), torch.ones(3, 2, dtype=torch.bool)
+    weight = torch.tensor(0.7, requires_grad=True)
+    calls = []
+
+    def model(x, t, text, text_mask, x0_prev):
+        out = weight * x + 0.3 * x0_prev
+        calls.append(dict(x=x.detach(), t=t, x0_prev=x0_prev.clone(), grad=torch.is_grad_enabled(), out=out.detach()))
+        return out
+
+    def run(share, seed=2):
+        calls.clear()
+        return training_loss(model, x0, process=process, text=text, text_mask=text_mask, cond_mask=cond_mask,
+                             generator=torch.Generator().manual_seed(seed), self_cond=share)  # fmt: skip
+
+    loss, _ = run(1.0)
+    first, second = calls
+    assert not first["grad"] and second["grad"]
+    free = ~cond_mask[:, None].expand_as(x0)
+    assert torch.equal(first["x0_prev"][free], torch.zeros_like(first["x0_prev"][free]))
+    assert torch.equal(first["x0_prev"][~free], x0[~free]) and torch.equal(second["x0_prev"][~free], x0[~free])
+    t = first["t"][:, 1]  # the free frames' timestep (B,)
+    velocity = process.as_target(first["out"], first["x"], t)
+    estimate = process.to_x0_eps(velocity, first["x"], t)[0]
+    torch.testing.assert_close(second["x0_prev"][free], estimate[free])
+    loss.backward()
+    assert weight.grad is not None and weight.grad != 0
+    # A share in (0, 1) is drawn per batch from the step's generator: some seeds take the first pass, some
+    # do not, and a seed makes the same choice every time (so a resumed run replays it).
+    passes = []
+    for seed in range(12):
+        run(0.5, seed)
+        passes.append(len(calls))
+        run(0.5, seed)
+        assert len(calls) == passes[-1]
+    assert set(passes) == {1, 2}
+
+
 def test_conditioned_positions_are_clean_at_timestep_zero_and_add_no_loss():
     process = FlowMatching(sigma_sampling="uniform")
     x0 = torch.randn(2, 3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
@@ -471,6 +512,7 @@ def test_config_presets_build_and_load_through_omegaconf():
         ({"blur_path": 1.5}, "blur_path=1.5"),
         ({"blur_path": 0.5, "process": "ddpm"}, "needs process='flow'"),
         ({"blur_sigma": 0.0}, "blur_sigma=0.0"),
+        ({"self_cond": -0.1}, "self_cond=-0.1"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):

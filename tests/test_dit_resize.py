@@ -1,5 +1,5 @@
 """dit.resize: a DiT resized to a smaller patch computes its source on repeated latents, averaged back; a grown
-DiT (more blocks, wider MLPs) computes exactly its source."""
+DiT (more blocks, wider MLPs) and a DiT given the self-conditioning input compute exactly their source."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from helpers import relative_error
 
 from dit.conditioning import model_timesteps
 from dit.model import DiT, DiTConfig
-from dit.resize import grow, main, pool_latents, repeat_latents, resize_patch, resize_ratio
+from dit.resize import add_self_cond, grow, main, pool_latents, repeat_latents, resize_patch, resize_ratio
 
 
 def _random_dit(patch_size, **overrides) -> DiT:
@@ -143,3 +143,32 @@ def test_cli_grows_and_resizes_in_one_call(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "dit"), "--out", str(tmp_path / "nothing")])
     assert "nothing to change" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
+
+
+def test_self_conditioned_model_computes_its_source_whatever_the_estimate_and_learns_to_read_it():
+    source = _random_dit((1, 2, 2))
+    conditioned = add_self_cond(source)
+    assert conditioned.cfg.self_cond and conditioned.patch_embedding.weight.shape[1] == 2 * source.cfg.in_channels
+    x, t, text, mask = _inputs(source, 2, 4, 4)
+    estimate = torch.randn_like(x)
+    with torch.no_grad():
+        reference = source(x, t, text, mask)
+        assert torch.equal(conditioned(x, t, text, mask, estimate), reference)
+        assert torch.equal(conditioned(x, t, text, mask), reference)  # no estimate reads as zeros
+    conditioned.train()
+    conditioned(x, t, text, mask, estimate).square().mean().backward()
+    assert conditioned.patch_embedding.weight.grad[:, source.cfg.in_channels:].abs().sum() > 0
+    with pytest.raises(ValueError, match="self_cond=False"):
+        source(x, t, text, mask, estimate)  # a model without the input refuses an estimate it would ignore
+    with pytest.raises(ValueError, match="self-conditioned already"):
+        add_self_cond(conditioned)
+
+
+def test_cli_adds_self_conditioning_to_a_resized_model(tmp_path, capsys):
+    source = _random_dit((1, 4, 4))
+    source.save_pretrained(tmp_path / "dit")
+    main([str(tmp_path / "dit"), "--patch-size", "1", "2", "2", "--self-cond", "--out", str(tmp_path / "sc")])
+    assert "self-conditioned False -> True" in capsys.readouterr().out
+    loaded = DiT.from_pretrained(tmp_path / "sc")
+    expected = add_self_cond(resize_patch(source, (1, 2, 2))).state_dict()
+    assert loaded.cfg.self_cond and all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())

@@ -457,3 +457,39 @@ def test_samplers_on_cuda_are_deterministic_and_keep_conditions(sampler):
     assert runs[0].device.type == "cuda" and torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(runs[0][:, :, 0], condition.latents[:, :, 0])
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_self_conditioned_model_reads_its_previous_estimate(sampler, guidance_scale):
+    """Each call of a self-conditioned model gets the clean-latent estimate of the call before it (zeros at
+    first), each guidance branch its own, with conditioned positions holding their clean latents."""
+    clean = _noise(seed=9)
+    condition = image_to_video(clean[:, :, :1], latent_frames=T)
+    text, text_mask = _text()
+    neg_text, neg_mask = _text(length=3, seed=1)
+    process = _process_for(sampler)
+    calls = []
+
+    def model(x, t, text, text_mask, x0_prev):
+        out = _toy_model(x, t, text, text_mask) + 0.1 * x0_prev
+        calls.append((x.clone(), t.clone(), x0_prev.clone(), out.clone()))
+        return out
+
+    keep = condition.mask[:, None].expand(B, C, T, H, W)
+    sample(model, _noise(), process=process, sampler=sampler, steps=4, text=text, text_mask=text_mask,
+           neg_text=neg_text, neg_mask=neg_mask, guidance_scale=guidance_scale, cond_latents=condition.latents,
+           cond_mask=condition.mask, progress=False, self_cond=True)  # fmt: skip
+    copies = 1 if guidance_scale == 1.0 else 2
+    keep = torch.cat([keep] * copies)
+    assert len(calls) == (7 if sampler == "heun" else 4)
+    first = calls[0][2]
+    assert torch.equal(first[~keep], torch.zeros_like(first[~keep]))
+    for (x, _, x0_prev, _), (x_before, t_before, _, out_before) in zip(calls[1:], calls[:-1], strict=True):
+        t_free = t_before[:, 1:].amax(dim=1)  # the unconditioned frames' timestep, (copies*B,)
+        target = process.as_target(out_before, x_before, t_free)
+        estimate = process.to_x0_eps(target, x_before, t_free)[0]
+        torch.testing.assert_close(x0_prev[~keep], estimate[~keep])
+        assert torch.equal(x0_prev[keep], x[keep])  # the clean condition
+        assert torch.equal(x[keep], torch.cat([clean] * copies)[keep])
+

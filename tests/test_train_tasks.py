@@ -85,6 +85,33 @@ def test_dit_loss_falls_and_export_holds_the_ema_weights(world, tmp_path):
     DiT.from_pretrained(out / "dit")  # generate.py's loader accepts the folder
 
 
+def test_self_conditioned_dit_trains_exports_and_samples_with_its_estimates(world, tmp_path):
+    from dit.modes import GenerationRequest
+    from dit.pipeline import Pipeline
+    from train import TrainConfig, Trainer, build_task, export
+
+    overrides = [
+        "task=dit", f"run_dir={tmp_path}", f"vae_path={world['vae']}", f"data.manifest={world['manifest']}",
+        "steps=20", "optim.lr=1e-2", "optim.warmup_steps=3", "ema.decay=0", "dit.text_dim=64", "dit.in_channels=4",
+        "dit.out_channels=4", "diffusion.process=ddpm", "dit.self_cond=true", "sample_defaults.steps=3",
+        *BUCKETS, *QUIET]
+    with pytest.raises(ValueError, match="set both"):
+        build_task(load_config(TrainConfig, None, overrides))  # the DiT has the input, the loss never feeds it
+    cfg = load_config(TrainConfig, None, [*overrides, "diffusion.self_cond=0.5"])
+    trainer = Trainer(cfg, build_task(cfg))
+    probe = [next(trainer.task.batches(dp_rank=0, dp_size=1)) for _ in range(2)]
+    before = fixed_loss(trainer, probe)
+    trainer.run()
+    assert fixed_loss(trainer, probe) < 0.7 * before
+
+    pipe = Pipeline.from_pretrained(export(tmp_path, tmp_path / "model"))
+    assert pipe.dit.cfg.self_cond
+    estimates = []
+    pipe.dit.register_forward_pre_hook(lambda module, args: estimates.append(args[4]))
+    pipe.generate(GenerationRequest(prompt="a red circle moving left", height=32, width=32, frames=5), progress=False)
+    assert len(estimates) == 3 and not estimates[0][:1].any() and all(e[:1].abs().sum() > 0 for e in estimates[1:])
+
+
 @pytest.mark.slow  # inductor compiles the forward and backward graphs: about a minute on 2 cores
 def test_compiled_dit_training_follows_the_eager_trajectory(world, tmp_path):
     from train import TrainConfig, Trainer, build_task
