@@ -367,6 +367,8 @@ LAYER_BASES = {
     "recipe-dit-finish-2.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml"],
     "recipe-dit-fine.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml",
                              ROOT / "configs/demo/recipe-dit-finish-2.yaml"],
+    "recipe-dit-selfcond.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml",
+                                 ROOT / "configs/demo/recipe-dit-finish-2.yaml", ROOT / "configs/demo/recipe-dit-fine.yaml"],
 }
 
 
@@ -450,6 +452,24 @@ def test_demo_dit_fine_stage_trains_the_resized_previous_export_at_the_new_patch
     _assert_same_but(stage, stage_1, named={"run_dir", "init_from", "seed", "steps", "optim", "dit", "cond"})
 
 
+def test_demo_dit_selfcond_stage_trains_stage_4s_export_with_the_input_added_and_is_what_ships():
+    """recipe-dit-selfcond.yaml trains what the Makefile's `dit.resize --self-cond` writes from stage 4's export:
+    it must read that folder, give the DiT the input and the loss its estimates together (the run refuses one
+    without the other), keep every other setting of stage 4 but the run's own, and be what the Makefile ships."""
+    import dataclasses
+
+    stage_4, stage = demo_stage("recipe-dit-fine.yaml"), demo_stage("recipe-dit-selfcond.yaml")
+    makefile = (ROOT / "Makefile").read_text()
+    resize = f"dit.resize $(DEMO)/{Path(stage_4.run_dir).name}/export --self-cond --out $(DEMO)/dit-sc-init"
+    assert resize in makefile and stage.init_from == "outputs/demo/dit-sc-init"
+    assert f"cp -r $(DEMO)/{Path(stage.run_dir).name}/export weights/demo" in makefile
+    assert stage.run_dir not in (stage_4.run_dir, stage.init_from) and stage.seed != stage_4.seed
+    assert stage.dit.self_cond and stage.diffusion.self_cond > 0 and not stage_4.dit.self_cond
+    assert dataclasses.replace(stage.dit, self_cond=False) == stage_4.dit
+    assert dataclasses.replace(stage.diffusion, self_cond=0.0) == stage_4.diffusion
+    _assert_same_but(stage, stage_4, named={"run_dir", "init_from", "seed", "steps", "optim", "dit", "diffusion"})
+
+
 def test_demo_vae_stage_5_continues_stage_4_and_is_the_vae_the_dit_ships_with():
     """recipe-vae-sharpen-2.yaml is stage 4 run on from its export: everything but the run's own folder, start
     and length is stage 4's. Its export is what the Makefile caches latents with and what the DiT stages name
@@ -467,18 +487,23 @@ def test_demo_vae_stage_5_continues_stage_4_and_is_the_vae_the_dit_ships_with():
     # VAE_FINE_STEPS=0 puts stage 4's export where stage 5's would be, for the cache and the DiT stages to find
     skip = f"cp -r $(DEMO)/{Path(stage_4.run_dir).name}/export/vae $(DEMO)/{Path(stage_5.run_dir).name}/export/vae"
     assert skip in makefile
-    for layer in ("recipe-dit.yaml", "recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml", "recipe-dit-fine.yaml"):
+    for layer in ("recipe-dit.yaml", "recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml", "recipe-dit-fine.yaml",
+                  "recipe-dit-selfcond.yaml"):
         assert demo_stage(layer).vae_path == export, layer
 
 
 def test_shipped_demo_folder_samples_as_the_recipes_last_dit_stage_exports():
-    """weights/demo/pipeline.json is the export of the recipe's last DiT stage, float16 aside: a sampling
-    default changed in one and not the other would make `make demo-train` ship a model that samples unlike
-    the one measured in docs/demo.md."""
+    """weights/demo/pipeline.json and dit/config.json are the export of the recipe's last DiT stage, float16
+    aside: a sampling default or a model setting changed in one and not the other would make `make demo-train`
+    ship a model that samples unlike the one measured in docs/demo.md."""
+    from dit.model import DiTConfig
     from dit.pipeline import read_pipeline_config
     from dit.training import pipeline_config
 
-    assert read_pipeline_config(ROOT / "weights/demo") == pipeline_config(demo_stage("recipe-dit-fine.yaml"))
+    last = demo_stage("recipe-dit-selfcond.yaml")
+    assert read_pipeline_config(ROOT / "weights/demo") == pipeline_config(last)
+    shipped = DiTConfig(**json.loads((ROOT / "weights/demo/dit/config.json").read_text()))
+    assert shipped == last.dit
 
 
 def test_cli_layers_repeated_configs_and_names_a_missing_later_one(tmp_path, capsys):
