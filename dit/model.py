@@ -383,11 +383,7 @@ class DiT(nn.Module):
     # `forward` is embed -> run_blocks -> finish. The steps are public so that dit/parallel.py can shard
     # the state between them (sequence parallelism) without the model knowing about ranks.
     def embed(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
         x0_prev: torch.Tensor | None = None,
     ) -> DiTState:
         """Latents (B, C, T', H', W'), timesteps, text (B, S, Dt) and mask (B, S) -> everything the blocks read.
@@ -473,11 +469,7 @@ class DiT(nn.Module):
         return unpatchify(out, state.grid, self.cfg.patch_size)  # (B, C_out, T', H', W')
 
     def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
         x0_prev: torch.Tensor | None = None,
     ) -> torch.Tensor:
         state = self.embed(x, t, text, text_mask, x0_prev)

@@ -405,11 +405,7 @@ class SequenceParallelDiT(DiT):
         )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
         x0_prev: torch.Tensor | None = None,
     ) -> torch.Tensor:
         state = self.embed(x, t, text, text_mask, x0_prev)  # the same full state on every rank
