@@ -541,12 +541,12 @@ def training_loss(
         x_t = torch.where(position_mask(cond_mask), x0, x_t)
     t_model = model_timesteps(t, cond_mask, patch_size)
     if self_cond > 0:
-        x0_prev = torch.zeros_like(x_t)
+        x0_prev = self_cond_input(torch.zeros_like(x_t), x_t, cond_mask)
         if float(torch.rand((), generator=generator, device=_device(generator, x0.device))) < self_cond:
             with torch.no_grad():
-                first = model(x_t, t_model, text, text_mask, x0_prev=self_cond_input(x0_prev, x_t, cond_mask))
-            x0_prev = self_cond_estimate(process, first, x_t, t)
-        pred = model(x_t, t_model, text, text_mask, x0_prev=self_cond_input(x0_prev, x_t, cond_mask))
+                first = model(x_t, t_model, text, text_mask, x0_prev=x0_prev)
+            x0_prev = self_cond_input(self_cond_estimate(process, first, x_t, t), x_t, cond_mask)
+        pred = model(x_t, t_model, text, text_mask, x0_prev=x0_prev)
     else:
         pred = model(x_t, t_model, text, text_mask)
     pred = process.as_target(pred.float(), x_t, t)  # e.g. a flow x0 output becomes a velocity

@@ -288,9 +288,7 @@ class Pipeline:
 
     def _denoiser(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                   x0_prev: torch.Tensor | None = None):
-        # The sampler keeps its state in float32; the DiT computes in its own dtype.
-        if x0_prev is not None:
-            x0_prev = x0_prev.to(self.dtype)
+        # The sampler keeps its state in float32; the DiT computes in its own dtype (x0_prev follows x there).
         return self.dit(x.to(self.dtype), t, text, text_mask, x0_prev)  # (B, C, T', H', W')
 
     def _noise(self, request: GenerationRequest, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:

@@ -224,22 +224,23 @@ class _Denoiser:
         t = torch.full((x.shape[0],), t_value, dtype=torch.float32, device=x.device)  # (B,)
         t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
         if self.guidance_scale == 1.0:
-            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x, 1)).float()
-            self._keep_estimate(raw, x, t, 1)
+            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x)).float()
+            self._keep_estimate(raw, x, t)
             pred = self.process.as_target(raw, x, t)
         else:
             # Conditional and unconditional in one batched forward: [cond; uncond].
             length = max(self.text.shape[1], self.neg_text.shape[1])
             text, text_mask = pad_text(self.text, self.text_mask, length)
             neg_text, neg_mask = pad_text(self.neg_text, self.neg_mask, length)
+            x_both = torch.cat([x, x])  # (2B, C, T', H', W')
             both = self.model(
-                torch.cat([x, x]),  # (2B, C, T', H', W')
+                x_both,
                 torch.cat([t_model, t_model]),
                 torch.cat([text, neg_text]),  # (2B, S, Dt)
                 torch.cat([text_mask, neg_mask]),  # (2B, S)
-                **self._self_cond_input(x, 2),
+                **self._self_cond_input(x_both),
             ).float()
-            self._keep_estimate(both, x, t, 2)
+            self._keep_estimate(both, x_both, torch.cat([t, t]))
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
             cond, uncond = (self.process.as_target(part, x, t) for part in both.chunk(2))  # (B, C, T', H', W') each
             pred = uncond + self.guidance_scale * (cond - uncond)
@@ -250,21 +251,20 @@ class _Denoiser:
             pred = self.process.add_score(pred, x, t, score)
         return pred
 
-    def _self_cond_input(self, x: Tensor, copies: int) -> dict[str, Tensor]:
-        """The `x0_prev` keyword of a self-conditioned model's call on `copies` stacked copies of x (none otherwise).
-
-        Each copy (conditional, unconditional) reads its own previous estimate, as it was trained to."""
+    def _self_cond_input(self, x: Tensor) -> dict[str, Tensor]:
+        """The `x0_prev` keyword of a self-conditioned model's call on x, the batch or [cond; uncond] copies of it
+        (none for other models). Each copy reads its own previous estimate, as it was trained to."""
         if not self.self_cond:
             return {}
-        xs = torch.cat([x] * copies)  # (copies*B, C, T', H', W')
-        estimate = self.x0_prev if self.x0_prev is not None else torch.zeros_like(xs)
-        mask = None if self.cond_mask is None else torch.cat([self.cond_mask] * copies)
-        return {"x0_prev": self_cond_input(estimate, xs, mask)}
+        estimate = self.x0_prev if self.x0_prev is not None else torch.zeros_like(x)
+        mask = self.cond_mask
+        if mask is not None and mask.shape[0] != x.shape[0]:
+            mask = torch.cat([mask, mask])  # [cond; uncond]
+        return {"x0_prev": self_cond_input(estimate, x, mask)}
 
-    def _keep_estimate(self, raw: Tensor, x: Tensor, t: Tensor, copies: int) -> None:
+    def _keep_estimate(self, raw: Tensor, x: Tensor, t: Tensor) -> None:
         if self.self_cond:
-            xs, ts = torch.cat([x] * copies), torch.cat([t] * copies)
-            self.x0_prev = self_cond_estimate(self.process, raw, xs, ts)  # (copies*B, C, T', H', W')
+            self.x0_prev = self_cond_estimate(self.process, raw, x, t)  # (B or 2B, C, T', H', W')
 
 
 # ---------------------------------------------------------------------------------------------------------

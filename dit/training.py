@@ -81,10 +81,8 @@ class DiTTask(StreamTask):
         cond_mask = sample_cond_mask(self.cfg.cond, batch_size, frames, height, width, generator).to(self.device)
         dtype = next(model.parameters()).dtype  # bf16/fp16 engines hold half weights; feed them half inputs
 
-        def predict(x, t, text, text_mask, x0_prev=None):  # noqa: ANN001, ANN202 (training_loss's model signature)
-            if x0_prev is None:
-                return model(x.to(dtype), t, text.to(dtype), text_mask)
-            return model(x.to(dtype), t, text.to(dtype), text_mask, x0_prev=x0_prev.to(dtype))
+        def predict(x, t, text, text_mask, **extra):  # noqa: ANN001, ANN003, ANN202 (training_loss's model signature)
+            return model(x.to(dtype), t, text.to(dtype), text_mask, **extra)  # the DiT casts x0_prev to x's dtype
 
         loss, logs = training_loss(predict, latents, process=self.process, text=text, text_mask=text_mask,
                                    cond_mask=cond_mask, generator=generator, patch_size=self.cfg.dit.patch_size,
