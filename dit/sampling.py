@@ -15,7 +15,7 @@ Time grids (model timesteps, descending, ending at a terminal value that is neve
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -219,12 +219,18 @@ class _Denoiser:
     self_cond: bool = False
     x0_prev: Tensor | None = None
     """A self-conditioned model's last clean-latent estimate, per stacked copy; None before the first call."""
+    both_mask: Tensor | None = field(init=False, default=None)
+    """cond_mask for the [cond; uncond] batch of a guided call: both copies condition the same positions."""
+
+    def __post_init__(self) -> None:
+        if self.cond_mask is not None:
+            self.both_mask = torch.cat([self.cond_mask, self.cond_mask])
 
     def __call__(self, x: Tensor, t_value: float) -> Tensor:
         t = torch.full((x.shape[0],), t_value, dtype=torch.float32, device=x.device)  # (B,)
         t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
         if self.guidance_scale == 1.0:
-            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x)).float()
+            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x, self.cond_mask)).float()
             self._keep_estimate(raw, x, t)
             pred = self.process.as_target(raw, x, t)
         else:
@@ -238,7 +244,7 @@ class _Denoiser:
                 torch.cat([t_model, t_model]),
                 torch.cat([text, neg_text]),  # (2B, S, Dt)
                 torch.cat([text_mask, neg_mask]),  # (2B, S)
-                **self._self_cond_input(x_both),
+                **self._self_cond_input(x_both, self.both_mask),
             ).float()
             self._keep_estimate(both, x_both, torch.cat([t, t]))
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
@@ -251,16 +257,14 @@ class _Denoiser:
             pred = self.process.add_score(pred, x, t, score)
         return pred
 
-    def _self_cond_input(self, x: Tensor) -> dict[str, Tensor]:
+    def _self_cond_input(self, x: Tensor, cond_mask: Tensor | None) -> dict[str, Tensor]:
         """The `x0_prev` keyword of a self-conditioned model's call on x, the batch or [cond; uncond] copies of it
-        (none for other models). Each copy reads its own previous estimate, as it was trained to."""
+        with their cond_mask (none for other models). Each copy reads its own previous estimate, as it was
+        trained to."""
         if not self.self_cond:
             return {}
         estimate = self.x0_prev if self.x0_prev is not None else torch.zeros_like(x)
-        mask = self.cond_mask
-        if mask is not None and mask.shape[0] != x.shape[0]:
-            mask = torch.cat([mask, mask])  # [cond; uncond]
-        return {"x0_prev": self_cond_input(estimate, x, mask)}
+        return {"x0_prev": self_cond_input(estimate, x, cond_mask)}
 
     def _keep_estimate(self, raw: Tensor, x: Tensor, t: Tensor) -> None:
         if self.self_cond:

@@ -360,15 +360,15 @@ def test_sigterm_saves_then_exits(tmp_path):
     assert saved == logged[-1] >= 3  # the checkpoint is the last completed step, nothing lost
 
 
+# The demo DiT's stages in the order `make demo-train` layers them: each runs as
+# `train.py --config STAGE_1 ... --config STAGE_N`.
+DIT_STAGES = [ROOT / "configs/demo" / name for name in (
+    "recipe-dit.yaml", "recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml", "recipe-dit-fine.yaml",
+    "recipe-dit-selfcond.yaml")]
 # Config files that are layers over another (train.py --config BASE --config LAYER), by file name.
 LAYER_BASES = {
     "recipe-vae-sharpen-2.yaml": [ROOT / "configs/demo/recipe-vae-sharpen.yaml"],
-    "recipe-dit-finish.yaml": [ROOT / "configs/demo/recipe-dit.yaml"],
-    "recipe-dit-finish-2.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml"],
-    "recipe-dit-fine.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml",
-                             ROOT / "configs/demo/recipe-dit-finish-2.yaml"],
-    "recipe-dit-selfcond.yaml": [ROOT / "configs/demo/recipe-dit.yaml", ROOT / "configs/demo/recipe-dit-finish.yaml",
-                                 ROOT / "configs/demo/recipe-dit-finish-2.yaml", ROOT / "configs/demo/recipe-dit-fine.yaml"],
+    **{stage.name: DIT_STAGES[:i] for i, stage in enumerate(DIT_STAGES) if i > 0},
 }
 
 
@@ -487,9 +487,8 @@ def test_demo_vae_stage_5_continues_stage_4_and_is_the_vae_the_dit_ships_with():
     # VAE_FINE_STEPS=0 puts stage 4's export where stage 5's would be, for the cache and the DiT stages to find
     skip = f"cp -r $(DEMO)/{Path(stage_4.run_dir).name}/export/vae $(DEMO)/{Path(stage_5.run_dir).name}/export/vae"
     assert skip in makefile
-    for layer in ("recipe-dit.yaml", "recipe-dit-finish.yaml", "recipe-dit-finish-2.yaml", "recipe-dit-fine.yaml",
-                  "recipe-dit-selfcond.yaml"):
-        assert demo_stage(layer).vae_path == export, layer
+    for stage in DIT_STAGES:
+        assert demo_stage(stage.name).vae_path == export, stage.name
 
 
 def test_shipped_demo_folder_samples_as_the_recipes_last_dit_stage_exports():
@@ -500,7 +499,7 @@ def test_shipped_demo_folder_samples_as_the_recipes_last_dit_stage_exports():
     from dit.pipeline import read_pipeline_config
     from dit.training import pipeline_config
 
-    last = demo_stage("recipe-dit-selfcond.yaml")
+    last = demo_stage(DIT_STAGES[-1].name)
     assert read_pipeline_config(ROOT / "weights/demo") == pipeline_config(last)
     shipped = DiTConfig(**json.loads((ROOT / "weights/demo/dit/config.json").read_text()))
     assert shipped == last.dit
