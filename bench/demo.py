@@ -80,6 +80,9 @@ def read_gallery(path: Path) -> list[GalleryItem]:
     return items
 
 
+FULL_GROUPS = ("seen", "heldout", "i2v", "extend")
+
+
 def draw_items(per_group: int, *, seed: int) -> list[GalleryItem]:
     """Random evaluation prompts: `per_group` each of seen and held-out text-to-video, image-to-video
     from a rendered still (prompt names the motion) and forward extension of a rendered moving clip."""
@@ -216,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="--full: which prompts and scenes are drawn")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--noise-offset", type=int, default=0,
+                        help="added to every item's noise seed: the same prompts and inputs with other noise, "
+                             "to measure how far the table moves by noise alone")
+    parser.add_argument("--groups", nargs="+", choices=FULL_GROUPS, default=None,
+                        help="--full: only these groups (default: all)")
     parser.add_argument("--sampler", choices=("euler", "heun", "euler_a"), default=None,
                         help="flow sampler (default: the model's); heun calls the model twice per step, euler_a "
                              "redraws part of the noise at every step")
@@ -230,8 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     from dit.pipeline import Pipeline
 
     out_dir = args.out or ROOT / "outputs" / "demo" / ("eval" if args.full else "gallery")
+    if args.groups and not args.full:
+        parser.error("--groups picks among the random prompts of --full; the gallery file names its own")
     items = draw_items(args.per_group, seed=args.seed) if args.full else read_gallery(args.gallery)
+    items = [item for item in items if not args.groups or item.group in args.groups]
     for item in items:
+        item.request["seed"] = item.request.get("seed", 0) + args.noise_offset
         for name, value in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
                             ("sampler", args.sampler)):
             if value is not None:

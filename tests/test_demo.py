@@ -4,6 +4,7 @@ cases, and the shipped weights/demo follow a prompt (checked only where the weig
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,28 @@ def test_drawn_items_respect_the_held_out_split():
         if item.group == "extend":
             assert item.scene["motion"] != "static"  # a seam needs motion to be compared with
     assert draw_items(20, seed=3) == items  # a pure function of the seed
+
+
+def test_full_evaluation_runs_only_the_named_groups_with_offset_noise(tmp_path, capsys):
+    """`--groups` keeps the drawn items of those groups (the same prompts as a full run's) and
+    `--noise-offset` moves every item's noise seed, so the same prompts can be scored under other noise."""
+    from bench.demo import main
+    from dit.modes import GenerationDefaults
+    from dit.pipeline import random_pipeline_folder
+
+    model = random_pipeline_folder(tmp_path / "model", defaults=GenerationDefaults(
+        height=16, width=16, frames=5, steps=2, guidance_scale=2.0))
+    main(["--model", str(model), "--full", "--per-group", "2", "--groups", "seen", "--noise-offset", "1000",
+          "--out", str(tmp_path / "eval"), "--threads", "1"])
+    sidecars = sorted((tmp_path / "eval").glob("*.json"))
+    assert [path.stem for path in sidecars] == ["seen_0000", "seen_0001"]
+    drawn = [item for item in draw_items(2, seed=0) if item.group == "seen"]
+    for path, item in zip(sidecars, drawn, strict=True):
+        sidecar = json.loads(path.read_text())
+        assert (sidecar["prompt"], sidecar["seed"]) == (item.request["prompt"], item.request["seed"] + 1000)
+    with pytest.raises(SystemExit):
+        main(["--model", str(model), "--groups", "seen"])  # the gallery names its own groups
+    assert "--groups" in capsys.readouterr().err
 
 
 def test_psnr_is_exact_for_a_constant_offset():
