@@ -58,9 +58,9 @@ def test_drawn_items_respect_the_held_out_split():
     assert draw_items(20, seed=3) == items  # a pure function of the seed
 
 
-def test_full_evaluation_runs_only_the_named_groups_with_offset_noise(tmp_path, capsys):
-    """`--groups` keeps the drawn items of those groups (the same prompts as a full run's) and
-    `--noise-offset` moves every item's noise seed, so the same prompts can be scored under other noise."""
+def test_full_evaluation_runs_the_named_groups_under_the_noise_asked_for(tmp_path, capsys):
+    """`--groups` keeps the drawn items of those groups (the same prompts as a full run's), `--noise-offset`
+    moves every item's noise seed, and `--noise-draws` runs each item under several noises, pooled in one table."""
     from bench.demo import main
     from dit.modes import GenerationDefaults
     from dit.pipeline import random_pipeline_folder
@@ -78,6 +78,18 @@ def test_full_evaluation_runs_only_the_named_groups_with_offset_noise(tmp_path, 
     with pytest.raises(SystemExit):
         main(["--model", str(model), "--groups", "seen"])  # the gallery names its own groups
     assert "--groups" in capsys.readouterr().err
+    # Two noise draws of one prompt: draw 1 is the run at offset 1000, under its own name, and both are pooled.
+    main(["--model", str(model), "--full", "--per-group", "1", "--groups", "seen", "--noise-draws", "2",
+          "--out", str(tmp_path / "draws"), "--threads", "1"])
+    draws = {path.stem: json.loads(path.read_text()) for path in (tmp_path / "draws").glob("*.json")}
+    assert sorted(draws) == ["seen_0000", "seen_0000_draw1"]
+    assert (draws["seen_0000"]["seed"], draws["seen_0000_draw1"]["seed"]) == (0, 1000)
+    assert draws["seen_0000_draw1"]["prompt"] == draws["seen_0000"]["prompt"] == drawn[0].request["prompt"]
+    table = (tmp_path / "draws" / "results.txt").read_text().splitlines()[2:]  # below the header and its rule
+    assert {line.split()[0]: line.split()[1] for line in table if line.strip()} == {"seen": "2"}  # pooled
+    with pytest.raises(SystemExit):
+        main(["--model", str(model), "--full", "--noise-draws", "0"])
+    assert "--noise-draws 0" in capsys.readouterr().err
 
 
 def test_psnr_is_exact_for_a_constant_offset():
