@@ -108,6 +108,18 @@ def draw_items(per_group: int, *, seed: int) -> list[GalleryItem]:
     return items
 
 
+def under_noise(items: list[GalleryItem], *, offset: int, draws: int) -> list[GalleryItem]:
+    """Each item once per noise draw, draw by draw: draw j samples from the item's seed (0 if it names none,
+    the request's default) + offset + NOISE_DRAW_STRIDE j, and is named NAME_drawJ after the first."""
+    out = []
+    for draw in range(draws):
+        for item in items:
+            seed = item.request.get("seed", 0) + offset + NOISE_DRAW_STRIDE * draw
+            name = f"{item.name}_draw{draw}" if draw else item.name
+            out.append(replace(item, name=name, request={**item.request, "seed": seed}))
+    return out
+
+
 def _scene_dict(scene) -> dict:  # noqa: ANN001 (data.synthetic.Scene, imported lazily)
     import dataclasses
 
@@ -253,9 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"(at most {NOISE_DRAW_STRIDE} per group)")
     items = draw_items(args.per_group, seed=args.seed) if args.full else read_gallery(args.gallery)
     items = [item for item in items if not args.groups or item.group in args.groups]
-    items = [replace(item, name=f"{item.name}_draw{draw}" if draw else item.name, request={
-        **item.request, "seed": item.request.get("seed", 0) + args.noise_offset + NOISE_DRAW_STRIDE * draw})
-        for draw in range(args.noise_draws) for item in items]
+    items = under_noise(items, offset=args.noise_offset, draws=args.noise_draws)
     for item in items:
         for name, value in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
                             ("sampler", args.sampler)):
