@@ -14,6 +14,12 @@ rendered to the still or clip the request conditions on (its first `input_frames
 
     python -m bench.demo                                   # configs/demo/gallery.jsonl -> outputs/demo/gallery
     python -m bench.demo --full --per-group 100            # random prompts: seen, held-out, i2v, extend
+
+A decoder is compared with another on the same samples by keeping the sampled latents once and decoding
+them again (the DiT's part, nearly all the time, runs once):
+
+    python -m bench.demo --full --save-latents --out outputs/demo/eval
+    python -m bench.demo --decode outputs/demo/eval --vae NEW_VAE --out outputs/demo/eval-new-vae
 """
 
 from __future__ import annotations
@@ -154,10 +160,9 @@ def seam_ratio(video: torch.Tensor, seam: int) -> float:
     return float(differences[seam - 1] / differences.mean().clamp_min(1e-8))
 
 
-def run_item(pipe, item: GalleryItem, out_dir: Path) -> Result:  # noqa: ANN001 (dit.pipeline.Pipeline)
-    """Generate one item, write it with a sidecar that data.evaluate reads, and score it."""
-    from data.evaluate import compare, describe, parse_prompt
-    from data.video_io import read_frames, write_video
+def run_item(pipe, item: GalleryItem, out_dir: Path, *, save_latents: bool = False) -> Result:  # noqa: ANN001
+    """Generate one item, write it with a sidecar that data.evaluate reads (and with `save_latents` its
+    sampled latents, NAME.latents.safetensors, for `decode_item`), and score it."""
     from dit.modes import GenerationRequest
 
     defaults = pipe.config.defaults
@@ -167,19 +172,52 @@ def run_item(pipe, item: GalleryItem, out_dir: Path) -> Result:  # noqa: ANN001 
         request["video" if request.get("mode") == "extend" else "image"] = str(source)
     start = time.perf_counter()
     sample = pipe.generate(GenerationRequest(**request), progress=False)[0]
-    video = sample.video  # (3, T, H, W)
+    if save_latents:
+        from safetensors.torch import save_file
+
+        save_file({"latents": sample.latents.contiguous()}, out_dir / f"{item.name}{LATENTS_SUFFIX}")
+    return _write_and_score(item, sample.video, sample.request, source, out_dir, start)
+
+
+LATENTS_SUFFIX = ".latents.safetensors"
+
+
+def decode_item(pipe, sidecar: Path, out_dir: Path) -> Result:  # noqa: ANN001 (dit.pipeline.Pipeline)
+    """An output of an earlier run with `save_latents`, decoded again by `pipe`'s VAE, written and scored:
+    a decoder measured on the very samples another decoder was, without sampling them again."""
+    from safetensors.torch import load_file
+
+    from dit.modes import GenerationRequest
+
+    values = json.loads(sidecar.read_text())
+    group, request = values.pop("group"), GenerationRequest(**values)
+    latents = load_file(sidecar.with_name(sidecar.stem + LATENTS_SUFFIX))["latents"]  # (C, T', H', W')
+    start = time.perf_counter()
+    with torch.no_grad():
+        video = pipe.vae.decode(latents[None].to(pipe.device, pipe.dtype))[0].float().cpu()  # (3, T, H, W)
+    source = request.video if request.mode == "extend" else request.image
+    item = GalleryItem(request=request.to_dict(), group=group, name=sidecar.stem)
+    return _write_and_score(item, video, request, None if source is None else Path(source), out_dir, start)
+
+
+def _write_and_score(item: GalleryItem, video: torch.Tensor, request, source: Path | None, out_dir: Path,  # noqa: ANN001
+                     start: float) -> Result:
+    """Write a (3, T, H, W) output with its sidecar, and score it against its (resolved) request."""
+    from data.evaluate import compare, describe, parse_prompt
+    from data.video_io import read_frames, write_video
+
     suffix = ".png" if video.shape[1] == 1 else ".mp4"
-    path = write_video(out_dir / f"{item.name}{suffix}", video, fps=sample.request.fps)
-    sidecar = {"prompt": sample.request.prompt, "group": item.group, **sample.request.to_dict()}
+    path = write_video(out_dir / f"{item.name}{suffix}", video, fps=request.fps)
+    sidecar = {"prompt": request.prompt, "group": item.group, **request.to_dict()}
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
-    named, seen = parse_prompt(sample.request.prompt), describe(video)
+    named, seen = parse_prompt(request.prompt), describe(video)
     attributes = {**compare(named, seen), "background": None if named["background"] is None
                   else seen["background"] == named["background"]}
     result = Result(item=item, path=path, attributes=attributes, seconds=time.perf_counter() - start)
-    if sample.request.mode == "i2v":
+    if request.mode == "i2v":
         result.psnr = psnr(video[:, 0], read_frames(source, [0])[:, 0])
-    if sample.request.mode == "extend" and sample.request.direction == "forward":
-        result.seam_ratio = seam_ratio(video, sample.request.context_frames)
+    if request.mode == "extend" and request.direction == "forward":
+        result.seam_ratio = seam_ratio(video, request.context_frames)
     return result
 
 
@@ -248,6 +286,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default outputs/demo/gallery, or outputs/demo/eval with --full)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--save-latents", action="store_true",
+                        help=f"also write each output's sampled latents (NAME{LATENTS_SUFFIX}), for --decode")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="decode (and encode inputs) with this VAE folder instead of the model's own; it must "
+                             "share the model's latent space, e.g. a decoder fine-tune with the encoder frozen")
+    parser.add_argument("--decode", type=Path, default=None, metavar="FOLDER",
+                        help="sample nothing: decode the latents a --save-latents run left in FOLDER again (with "
+                             "--vae's decoder) and score them, so two decoders are compared on the same samples; "
+                             "the requests are FOLDER's sidecars, so the options that pick or change them do not apply")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -263,6 +310,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.noise_draws > 1 and args.full and args.per_group > NOISE_DRAW_STRIDE:
         parser.error(f"--noise-draws with --per-group {args.per_group}: the draws' seeds would overlap the items' "
                      f"(at most {NOISE_DRAW_STRIDE} per group)")
+    if args.vae is not None and not (args.vae / "config.json").is_file():
+        parser.error(f"--vae {args.vae}: no VAE folder there (config.json and model.safetensors, as a model's vae/)")
+    if args.decode is not None:
+        decoded = sorted(args.decode.glob(f"*{LATENTS_SUFFIX}"))
+        if not decoded:
+            parser.error(f"--decode {args.decode}: no *{LATENTS_SUFFIX} there; make them with --save-latents")
+        if args.out is None or args.out.resolve() == args.decode.resolve():
+            parser.error("--decode needs an --out folder of its own (the outputs it reads would be overwritten)")
     items = draw_items(args.per_group, seed=args.seed) if args.full else read_gallery(args.gallery)
     items = [item for item in items if not args.groups or item.group in args.groups]
     items = under_noise(items, offset=args.noise_offset, draws=args.noise_draws)
@@ -272,12 +327,27 @@ def main(argv: list[str] | None = None) -> None:
             if value is not None:
                 item.request.setdefault(name, value)
     pipe = Pipeline.from_pretrained(args.model)
+    if args.vae is not None:
+        from vae.model import CausalVAE
+
+        pipe = Pipeline(dit=pipe.dit, vae=CausalVAE.from_pretrained(args.vae, dtype=pipe.dtype),
+                        text_encoder=pipe.text_encoder, config=pipe.config, dtype=pipe.dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def outputs():  # one Result at a time, so the progress line can follow them
+        if args.decode is not None:
+            for path in decoded:
+                yield decode_item(pipe, path.with_name(path.name.removesuffix(LATENTS_SUFFIX) + ".json"), out_dir)
+        else:
+            for item in items:
+                yield run_item(pipe, item, out_dir, save_latents=args.save_latents)
+
+    total = len(decoded) if args.decode is not None else len(items)
     results, started = [], time.perf_counter()
-    for number, item in enumerate(items, start=1):
-        results.append(run_item(pipe, item, out_dir))
-        if number % 20 == 0 or number == len(items):
-            print(f"{number}/{len(items)} samples, {time.perf_counter() - started:.0f}s", flush=True)
+    for number, result in enumerate(outputs(), start=1):
+        results.append(result)
+        if number % 20 == 0 or number == total:
+            print(f"{number}/{total} samples, {time.perf_counter() - started:.0f}s", flush=True)
     table = results_table(results)
     (out_dir / "results.txt").write_text(table + "\n")
     print(table)

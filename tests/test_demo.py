@@ -139,3 +139,46 @@ def test_shipped_weights_follow_the_prompt(prompt: str, seed: int):
     seen, named = describe(video), parse_prompt(prompt)
     for attribute in ("colour", "shape", "size", "motion", "background"):
         assert seen[attribute] == named[attribute], (attribute, seen)
+
+
+def test_decode_scores_saved_latents_again_with_the_decoder_asked_for(tmp_path, capsys):
+    """`--save-latents` keeps each sample's latents; `--decode` decodes exactly those again: with the model's own
+    VAE it gives back the same outputs and table, with another decoder the same requests and other pixels."""
+    from bench.demo import main
+    from data.video_io import read_frames
+    from dit.modes import GenerationDefaults
+    from dit.pipeline import random_pipeline_folder
+    from vae.model import CausalVAE
+
+    model = random_pipeline_folder(tmp_path / "model", defaults=GenerationDefaults(
+        height=16, width=16, frames=13, steps=2, guidance_scale=2.0))
+    common = ["--model", str(model), "--threads", "1"]
+    main([*common, "--full", "--per-group", "1", "--save-latents", "--out", str(tmp_path / "eval")])
+    names = sorted(path.name.removesuffix(".latents.safetensors") for path in (tmp_path / "eval").glob("*.latents.*"))
+    assert names == ["extend_0000", "heldout_0000", "i2v_0000", "seen_0000"]
+
+    main([*common, "--decode", str(tmp_path / "eval"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "results.txt").read_text() == (tmp_path / "eval" / "results.txt").read_text()
+    for name in names:
+        first, again = (json.loads((tmp_path / folder / f"{name}.json").read_text()) for folder in ("eval", "again"))
+        assert again == first
+        assert torch.equal(read_frames(tmp_path / "again" / f"{name}.mp4", range(13)),
+                           read_frames(tmp_path / "eval" / f"{name}.mp4", range(13)))
+
+    other = CausalVAE.from_pretrained(model / "vae")
+    with torch.no_grad():
+        other.decoder.head[-1].bias.add_(0.3)  # the same latent space (encoder untouched), another decoder
+    other.save_pretrained(tmp_path / "other")
+    main([*common, "--decode", str(tmp_path / "eval"), "--vae", str(tmp_path / "other"), "--out", str(tmp_path / "b")])
+    for name in names:
+        assert json.loads((tmp_path / "b" / f"{name}.json").read_text()) == json.loads(
+            (tmp_path / "eval" / f"{name}.json").read_text())
+        assert not torch.equal(read_frames(tmp_path / "b" / f"{name}.mp4", range(13)),
+                               read_frames(tmp_path / "eval" / f"{name}.mp4", range(13)))
+
+    for argv, message in ((["--decode", str(tmp_path / "eval"), "--out", str(tmp_path / "eval")], "--out folder"),
+                          (["--decode", str(tmp_path / "other"), "--out", str(tmp_path / "c")], "--save-latents"),
+                          (["--vae", str(tmp_path / "eval")], "no VAE folder")):
+        with pytest.raises(SystemExit):
+            main([*common, *argv])
+        assert message in capsys.readouterr().err
