@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     (out_dir / "results.txt").write_text(table + "\n")
     print(table)
     seconds = sum(r.seconds for r in results) / len(results)
-    print(f"\n{len(results)} outputs ({seconds:.1f}s each) with sidecars in {out_dir}/; inputs in {out_dir}/inputs/; "
+    inputs = (args.decode or out_dir) / "inputs"  # --decode scores against the inputs its run rendered
+    print(f"\n{len(results)} outputs ({seconds:.1f}s each) with sidecars in {out_dir}/; inputs in {inputs}/; "
           f"table in {out_dir}/results.txt; rescore with `python -m data.evaluate {out_dir}`")
 
 
