@@ -39,6 +39,7 @@ DEFAULT_GALLERY = ROOT / "configs" / "demo" / "gallery.jsonl"
 GROUPS = ("seen", "heldout", "i2v", "extend", "still", "loop")
 SEAM_TOLERANCE = 1.5  # target: the seam's frame difference within 1.5x the clip's mean frame difference
 PSNR_TARGET = 30.0  # dB, first frame of image-to-video against the conditioning image
+LATENTS_SUFFIX = ".latents.safetensors"  # --save-latents: NAME.latents.safetensors beside NAME.mp4
 
 
 @dataclass
@@ -177,9 +178,6 @@ def run_item(pipe, item: GalleryItem, out_dir: Path, *, save_latents: bool = Fal
 
         save_file({"latents": sample.latents.contiguous()}, out_dir / f"{item.name}{LATENTS_SUFFIX}")
     return _write_and_score(item, sample.video, sample.request, source, out_dir, start)
-
-
-LATENTS_SUFFIX = ".latents.safetensors"
 
 
 def decode_item(pipe, sidecar: Path, out_dir: Path) -> Result:  # noqa: ANN001 (dit.pipeline.Pipeline)
@@ -330,8 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.vae is not None:
         from vae.model import CausalVAE
 
-        pipe = Pipeline(dit=pipe.dit, vae=CausalVAE.from_pretrained(args.vae, dtype=pipe.dtype),
-                        text_encoder=pipe.text_encoder, config=pipe.config, dtype=pipe.dtype)
+        vae = CausalVAE.from_pretrained(args.vae, dtype=pipe.dtype)
+        own = pipe.vae.cfg
+        if (vae.cfg.latents_mean, vae.cfg.latents_std) != (own.latents_mean, own.latents_std):
+            parser.error(f"--vae {args.vae}: its latent statistics differ from the model's VAE's, so it does not "
+                         "read the DiT's latents as they were made; give a decoder trained with the encoder frozen")
+        pipe = Pipeline(dit=pipe.dit, vae=vae, text_encoder=pipe.text_encoder, config=pipe.config, dtype=pipe.dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def outputs():  # one Result at a time, so the progress line can follow them

@@ -176,7 +176,11 @@ def test_decode_scores_saved_latents_again_with_the_decoder_asked_for(tmp_path, 
         assert not torch.equal(read_frames(tmp_path / "b" / f"{name}.mp4", range(13)),
                                read_frames(tmp_path / "eval" / f"{name}.mp4", range(13)))
 
+    other.set_latent_stats([0.5] * other.cfg.latent_channels, [2.0] * other.cfg.latent_channels)
+    other.save_pretrained(tmp_path / "stranger")  # another latent space: the DiT's latents would decode wrong
     for argv, message in ((["--decode", str(tmp_path / "eval"), "--out", str(tmp_path / "eval")], "--out folder"),
+                          (["--decode", str(tmp_path / "eval"), "--vae", str(tmp_path / "stranger"),
+                            "--out", str(tmp_path / "d")], "latent statistics differ"),
                           (["--decode", str(tmp_path / "other"), "--out", str(tmp_path / "c")], "--save-latents"),
                           (["--vae", str(tmp_path / "eval")], "no VAE folder")):
         with pytest.raises(SystemExit):
