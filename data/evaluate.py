@@ -127,18 +127,22 @@ def _profile_extent(profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (profile * positions).sum(dim=1) / length, length
 
 
-def describe(video: torch.Tensor | str | os.PathLike) -> dict[str, str | None]:
+def describe(video: torch.Tensor | str | os.PathLike, *, by_frame: bool = False) -> dict:
     """Attributes read from the pixels of a (3, T, H, W) clip in [-1, 1] or a media file.
 
     Keys colour, shape, size, motion, background; "unknown" where no clear answer exists (no single
-    object on a plain background), motion None for a single frame.
+    object on a plain background), motion None for a single frame. With `by_frame`, also "frame_shapes": the
+    shape each frame alone reads as (the template it overlaps most; the clip's shape is the best mean over
+    frames), or None where no object was segmented.
     """
     video = _load(video)
     # Channel-first throughout: per-pixel colour distances then reduce over a contiguous leading axis.
     pixels = (video.clamp(-1, 1) + 1) * 127.5  # (3, T, H, W)
     _, frames, height, width = pixels.shape
-    result: dict[str, str | None] = {attribute: UNKNOWN for attribute in ATTRIBUTES}
+    result: dict = {attribute: UNKNOWN for attribute in ATTRIBUTES}
     result["background"] = UNKNOWN
+    if by_frame:
+        result["frame_shapes"] = None
     if frames == 1:
         result["motion"] = None
 
@@ -190,14 +194,18 @@ def describe(video: torch.Tensor | str | os.PathLike) -> dict[str, str | None]:
     centre_x, length_x = _profile_extent(alpha.amax(dim=1))  # (T,), (T,)
     half = torch.maximum(length_x, length_y) / 2  # (T,)
 
-    overlaps = []
+    per_frame = []
     for shape in SHAPES:
         template = coverage(shape, centre_x, centre_y, half, (height, width),
                             supersample=_TEMPLATE_SUPERSAMPLE)  # (T, H, W)
         intersection = torch.minimum(alpha, template).sum(dim=(1, 2))  # (T,)
         union = torch.maximum(alpha, template).sum(dim=(1, 2))  # (T,)
-        overlaps.append((intersection / union).mean())
-    best = int(torch.stack(overlaps).argmax())
+        per_frame.append(intersection / union)
+    per_frame = torch.stack(per_frame)  # (S, T)
+    if by_frame:
+        result["frame_shapes"] = [SHAPES[index] for index in per_frame.argmax(dim=0).tolist()]
+    overlaps = per_frame.mean(dim=1)  # (S,)
+    best = int(overlaps.argmax())
     if overlaps[best] < _MIN_SHAPE_IOU:
         return result  # a blob, not one of our shapes: its size and motion are not trustworthy either
     result["colour"], result["shape"] = colour, SHAPES[best]
@@ -311,6 +319,35 @@ def breakdown_table(results: Sequence[Mapping[str, object]], by: Sequence[str]) 
     return "\n".join(lines)
 
 
+def frame_table(results: Sequence[Mapping[str, object]], by: Sequence[str]) -> str:
+    """Where in the clip the shape is lost: for each row of `by` values (as in breakdown_table), the share of
+    its clips whose frame t alone reads the asked shape, for every frame t; below it the same over the clips
+    whose shape was missed. A causal VAE that packs 4 frames in a latent frame shows its grid here: frames 0,
+    4, 8, ... read right more often than those between. Each result needs "named" and "seen" with
+    "frame_shapes" (describe(..., by_frame=True)); clips without a shape in the prompt or an object are left out."""
+    rows: dict[tuple[str, ...], list[Mapping[str, object]]] = {}
+    for result in results:
+        if result["named"]["shape"] is not None and result["seen"].get("frame_shapes"):
+            rows.setdefault(tuple(str(result["named"][attribute] or "-") for attribute in by), []).append(result)
+    if not rows:
+        return "(no clip with a shape in its prompt and an object in its frames)"
+    length = max(len(result["seen"]["frame_shapes"]) for members in rows.values() for result in members)
+    width = max(len(" ".join(key)) for key in rows) + len(" missed")
+    lines = [f"{' '.join(by):<{width}} {'n':>5} " + " ".join(f"{t:>3}" for t in range(length)) + "  (% of clips, frame t)"]
+    lines.append("-" * len(lines[0]))
+    for key in sorted(rows):
+        for label, members in (("", rows[key]), (" missed", [r for r in rows[key] if r.get("shape") is False])):
+            if not members:
+                continue
+            cells = []
+            for t in range(length):
+                readings = [r["seen"]["frame_shapes"][t] == r["named"]["shape"] for r in members
+                            if t < len(r["seen"]["frame_shapes"])]
+                cells.append(f"{round(100 * sum(readings) / len(readings)):>3}" if readings else f"{'-':>3}")
+            lines.append(f"{' '.join(key) + label:<{width}} {len(members):>5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def _sidecar(media: pathlib.Path) -> tuple[str, str | None] | None:
     """(prompt, group) from x.json or x.txt next to x.<ext>; None when neither names a prompt.
 
@@ -346,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also break the scores down by the values the prompts name for these attributes, "
                              f"in order (any of {', '.join(ATTRIBUTES)}; e.g. --by size shape: a row per small "
                              "cross, large square, ...) with what the misses of the last one were read as")
+    parser.add_argument("--frames", action="store_true",
+                        help="also print, per row of --by (default: shape), the share of clips whose frame t alone "
+                             "reads the asked shape, for every t, and the same over the clips whose shape was missed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small clips one after another: intra-op threads cost more than they give
     media = sorted(path for path in args.folder.rglob("*") if path.suffix.lower() in MEDIA_SUFFIXES)
@@ -359,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.groups and group not in args.groups:
             continue
         try:
-            seen = describe(path)
+            seen = describe(path, by_frame=args.frames)
         except VideoReadError as err:  # an unreadable output shows nothing the prompt asked for
             print(f"unreadable, scored as showing nothing: {err}")
             seen = dict.fromkeys((*ATTRIBUTES, "background"), UNKNOWN)
@@ -374,6 +414,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.by:
         print()
         print(breakdown_table(results, args.by))
+    if args.frames:
+        print()
+        print(frame_table(results, args.by or ("shape",)))
     if skipped:
         print(f"({skipped} media files without a sidecar prompt were skipped)")
 

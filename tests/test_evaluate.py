@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -15,6 +16,7 @@ from data.evaluate import (
     compare,
     describe,
     evaluate,
+    frame_table,
     main,
     parse_prompt,
 )
@@ -275,3 +277,35 @@ def test_describe_accepts_a_file_path(tmp_path, frames):
     path = write_video(tmp_path / ("x.mp4" if frames > 1 else "x.png"), render(scene, frames=frames, size=64))
     assert describe(path) == {"colour": "green", "shape": "cross", "size": "small", "background": "gray",
                               "motion": "up" if frames > 1 else None}
+
+
+def test_frame_shapes_follow_each_frame_and_the_frame_table_counts_them(tmp_path, capsys):
+    """describe(by_frame=True) reads every frame on its own: a clip that alternates a cross and a circle of the
+    same colour, size and path reads so frame by frame, and frame_table shares those readings per frame."""
+    scene = Scene(colour="red", shape="cross", size="large", motion="right", background="white", start_x=0.3,
+                  start_y=0.5)
+    cross = render(scene, frames=9, size=64)  # (3, 9, 64, 64)
+    circle = render(dataclasses.replace(scene, shape="circle"), frames=9, size=64)
+    mixed = torch.where((torch.arange(9) % 2 == 1).view(1, 9, 1, 1), circle, cross)  # circles on odd frames
+    assert describe(cross, by_frame=True)["frame_shapes"] == ["cross"] * 9
+    mixed_seen = describe(mixed, by_frame=True)
+    assert mixed_seen["frame_shapes"] == ["cross", "circle"] * 4 + ["cross"]
+    assert "frame_shapes" not in describe(mixed)  # only when asked
+    assert describe(torch.rand(3, 5, 64, 64) * 2 - 1, by_frame=True)["frame_shapes"] is None  # no object
+
+    named = parse_prompt("a large red cross moving right on a white background")
+    results = [{**compare(named, seen), "named": named, "seen": seen}
+               for seen in (describe(cross, by_frame=True), {**mixed_seen, "shape": "cross"},
+                            {**mixed_seen, "shape": "circle"})]
+    lines = frame_table(results, ["size", "shape"]).splitlines()
+    rows = {" ".join(line.split()[:-10]): line.split()[-10:] for line in lines[2:]}  # key: n, then 9 frames
+    # Three clips: the all-cross one and the alternating one twice, read right and read wrong. Even frames read
+    # a cross in all three, odd frames in 1 of 3; the missed row holds the last clip alone.
+    assert rows["large cross"] == ["3", "100", "33", "100", "33", "100", "33", "100", "33", "100"]
+    assert rows["large cross missed"] == ["1", "100", "0", "100", "0", "100", "0", "100", "0", "100"]
+
+    write_video(tmp_path / "clip.mp4", cross, fps=8.0)
+    (tmp_path / "clip.json").write_text(json.dumps({"prompt": "a large red cross moving right on a white background"}))
+    main([str(tmp_path), "--frames"])  # rows by the asked shape unless --by says otherwise
+    table = capsys.readouterr().out.split("(% of clips, frame t)")[1].splitlines()
+    assert table[2].split() == ["cross", "1", *["100"] * 9]
