@@ -291,6 +291,11 @@ def accuracy_table(results: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _row_key(result: Mapping[str, object], by: Sequence[str]) -> tuple[str, ...]:
+    """The values the result's prompt names for `by`, "-" where it names none: its row of a breakdown."""
+    return tuple(str(result["named"][attribute] or "-") for attribute in by)
+
+
 def breakdown_table(results: Sequence[Mapping[str, object]], by: Sequence[str]) -> str:
     """Where the misses are: one row per combination of the values the prompts name for `by` (e.g. size
     and shape: "small cross"), with its count and match rate per attribute, and what the misses of by[-1]
@@ -301,8 +306,7 @@ def breakdown_table(results: Sequence[Mapping[str, object]], by: Sequence[str]) 
         raise ValueError(f"by={list(by)}: must name one or more of {list(ATTRIBUTES)}")
     rows: dict[tuple[str, ...], list[Mapping[str, object]]] = {}
     for result in results:
-        key = tuple(str(result["named"][attribute] or "-") for attribute in by)
-        rows.setdefault(key, []).append(result)
+        rows.setdefault(_row_key(result, by), []).append(result)
     last = by[-1]
     width = max(len(" ".join(key)) for key in rows)
     header = f"{' '.join(by):<{width}} {'n':>5} " + " ".join(f"{attribute:>8}" for attribute in ATTRIBUTES)
@@ -328,7 +332,7 @@ def frame_table(results: Sequence[Mapping[str, object]], by: Sequence[str]) -> s
     rows: dict[tuple[str, ...], list[Mapping[str, object]]] = {}
     for result in results:
         if result["named"]["shape"] is not None and result["seen"].get("frame_shapes"):
-            rows.setdefault(tuple(str(result["named"][attribute] or "-") for attribute in by), []).append(result)
+            rows.setdefault(_row_key(result, by), []).append(result)
     if not rows:
         return "(no clip with a shape in its prompt and an object in its frames)"
     length = max(len(result["seen"]["frame_shapes"]) for members in rows.values() for result in members)
