@@ -180,21 +180,22 @@ def run_item(pipe, item: GalleryItem, out_dir: Path, *, save_latents: bool = Fal
     return _write_and_score(item, sample.video, sample.request, source, out_dir, start)
 
 
-def decode_item(pipe, sidecar: Path, out_dir: Path) -> Result:  # noqa: ANN001 (dit.pipeline.Pipeline)
-    """An output of an earlier run with `save_latents`, decoded again by `pipe`'s VAE, written and scored:
-    a decoder measured on the very samples another decoder was, without sampling them again."""
+def decode_item(pipe, latents_path: Path, out_dir: Path) -> Result:  # noqa: ANN001 (dit.pipeline.Pipeline)
+    """An output of an earlier run with `save_latents` (its NAME.latents.safetensors, beside NAME.json),
+    decoded again by `pipe`'s VAE, written and scored: a decoder measured on the very samples another decoder
+    was, without sampling them again."""
     from safetensors.torch import load_file
 
     from dit.modes import GenerationRequest
 
-    values = json.loads(sidecar.read_text())
+    name = latents_path.name.removesuffix(LATENTS_SUFFIX)
+    values = json.loads(latents_path.with_name(f"{name}.json").read_text())
     group, request = values.pop("group"), GenerationRequest(**values)
-    latents = load_file(sidecar.with_name(sidecar.stem + LATENTS_SUFFIX))["latents"]  # (C, T', H', W')
+    latents = load_file(latents_path)["latents"]  # (C, T', H', W')
     start = time.perf_counter()
-    with torch.no_grad():
-        video = pipe.vae.decode(latents[None].to(pipe.device, pipe.dtype))[0].float().cpu()  # (3, T, H, W)
+    video = pipe.decode(latents[None])[0].float().cpu()  # (3, T, H, W)
     source = request.video if request.mode == "extend" else request.image
-    item = GalleryItem(request=request.to_dict(), group=group, name=sidecar.stem)
+    item = GalleryItem(request=request.to_dict(), group=group, name=name)
     return _write_and_score(item, video, request, None if source is None else Path(source), out_dir, start)
 
 
@@ -333,13 +334,14 @@ def main(argv: list[str] | None = None) -> None:
         if (vae.cfg.latents_mean, vae.cfg.latents_std) != (own.latents_mean, own.latents_std):
             parser.error(f"--vae {args.vae}: its latent statistics differ from the model's VAE's, so it does not "
                          "read the DiT's latents as they were made; give a decoder trained with the encoder frozen")
-        pipe = Pipeline(dit=pipe.dit, vae=vae, text_encoder=pipe.text_encoder, config=pipe.config, dtype=pipe.dtype)
+        pipe = Pipeline(dit=pipe.dit, vae=vae, text_encoder=pipe.text_encoder, config=pipe.config,
+                        device=pipe.device, dtype=pipe.dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def outputs():  # one Result at a time, so the progress line can follow them
         if args.decode is not None:
             for path in decoded:
-                yield decode_item(pipe, path.with_name(path.name.removesuffix(LATENTS_SUFFIX) + ".json"), out_dir)
+                yield decode_item(pipe, path, out_dir)
         else:
             for item in items:
                 yield run_item(pipe, item, out_dir, save_latents=args.save_latents)

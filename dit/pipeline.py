@@ -250,7 +250,7 @@ class Pipeline:
         for one in expand_request(resolved):
             start = time.perf_counter()
             latents = self._sample_latents(one, text, progress=progress)  # (1, C, T', H', W')
-            video = self._decode(latents)  # (1, 3, T, H, W)
+            video = self.decode(latents)  # (1, 3, T, H, W)
             samples.append(Sample(video=video[0].float().cpu(), latents=latents[0].float().cpu(), request=one,
                                   seconds=time.perf_counter() - start))
         return samples
@@ -282,9 +282,12 @@ class Pipeline:
             x = pixels[None].to(self.device, self.dtype)  # (1, 3, T, H, W)
             return self.vae.encode(x, tiling=self.vae_tiling).float()  # (1, C, T', H', W')
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, T', H', W'), e.g. a Sample's, -> (B, 3, T, H, W) in [-1, 1], as generate
+        decodes them (on the pipeline's device and dtype, with its offload and tiling)."""
         with self._working(self.vae):
-            return self.vae.decode(latents.to(self.dtype), tiling=self.vae_tiling)  # (1, 3, T, H, W)
+            return self.vae.decode(latents.to(self.device, self.dtype), tiling=self.vae_tiling)
 
     def _denoiser(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                   x0_prev: torch.Tensor | None = None):
