@@ -43,11 +43,14 @@ def diffusers_key(key: str, cfg: VAEConfig) -> str:
     key = re.sub(r"^encoder\.downsamples\.", "encoder.down_blocks.", key)
 
     def up_block(match: re.Match) -> str:
-        # our decoder is flat: per level, num_res_blocks + 1 residual blocks then one Upsample
-        per_level = cfg.num_res_blocks + 2
-        level, index = divmod(int(match[1]), per_level)
-        inner = f"resnets.{index}" if index <= cfg.num_res_blocks else "upsamplers.0"
-        return f"decoder.up_blocks.{level}.{inner}."
+        # our decoder is flat: per level, its residual blocks then one Upsample (none after the last level)
+        index = int(match[1])
+        for level, blocks in enumerate(cfg.level_decoder_blocks):
+            if index <= blocks:
+                inner = f"resnets.{index}" if index < blocks else "upsamplers.0"
+                return f"decoder.up_blocks.{level}.{inner}."
+            index -= blocks + 1
+        raise ValueError(f"{key}: no decoder level holds block {match[1]} ({cfg.level_decoder_blocks} blocks)")
 
     key = re.sub(r"^decoder\.upsamples\.(\d+)\.", up_block, key)
     for ours, theirs in _RESIDUAL_NAMES.items():

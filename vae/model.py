@@ -52,6 +52,9 @@ class VAEConfig:
     """Channel multiplier per level; every level but the last halves H and W (4 levels: x8)."""
     num_res_blocks: int = 2
     """Residual blocks per encoder level (the decoder has one more per level, as in Wan)."""
+    decoder_blocks: tuple[int, ...] | None = None
+    """Residual blocks per decoder level, lowest resolution first (len(dim_mult) entries); None: num_res_blocks + 1
+    at every level. `python -m vae.resize` grows a trained decoder this way without changing its latent space."""
     latent_channels: int = 16
     """Channels C of the latent (B, C, T', H', W')."""
     temporal_downsample: tuple[bool, ...] = (False, True, True)
@@ -77,6 +80,13 @@ class VAEConfig:
     def __post_init__(self) -> None:
         self.dim_mult = tuple(self.dim_mult)
         self.temporal_downsample = tuple(self.temporal_downsample)
+        if self.decoder_blocks is not None:
+            self.decoder_blocks = tuple(self.decoder_blocks)
+            if len(self.decoder_blocks) != len(self.dim_mult) or min(self.decoder_blocks) < 1:
+                raise ValueError(
+                    f"decoder_blocks={self.decoder_blocks}: needs len(dim_mult) = {len(self.dim_mult)} "
+                    "entries, each >= 1 (residual blocks per decoder level, lowest resolution first)"
+                )
         for name in ("base_dim", "num_res_blocks", "latent_channels", "chunk_latent_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -120,6 +130,11 @@ class VAEConfig:
     @property
     def temporal_factor(self) -> int:
         return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def level_decoder_blocks(self) -> tuple[int, ...]:
+        """Residual blocks at each decoder level, lowest resolution first."""
+        return self.decoder_blocks or (self.num_res_blocks + 1,) * len(self.dim_mult)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> VAEConfig:
@@ -200,7 +215,7 @@ class Decoder(nn.Module):
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             if level > 0:
                 in_dim //= 2  # the previous level's Upsample halved the channels
-            for _ in range(cfg.num_res_blocks + 1):
+            for _ in range(cfg.level_decoder_blocks[level]):
                 blocks.append(ResidualBlock(in_dim, out_dim, dropout=cfg.dropout))
                 in_dim = out_dim
             if level < len(cfg.dim_mult) - 1:
