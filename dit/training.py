@@ -89,7 +89,8 @@ class DiTTask(StreamTask):
                                    detail_weight=self.cfg.diffusion.detail_weight,
                                    input_perturbation=self.cfg.diffusion.input_perturbation,
                                    blur_path=self.cfg.diffusion.blur_path, blur_sigma=self.cfg.diffusion.blur_sigma,
-                                   self_cond=self.cfg.diffusion.self_cond)
+                                   self_cond=self.cfg.diffusion.self_cond,
+                                   temporal_weight=self.cfg.diffusion.temporal_weight)
         return loss, {f"dit/{key}": float(value) for key, value in logs.items() if key != "loss"}
 
     def tokens(self, batch: dict) -> int:

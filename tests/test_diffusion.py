@@ -19,6 +19,7 @@ from dit.diffusion import (
     masked_mse,
     num_tokens,
     shift_sigma,
+    temporal_error,
     training_loss,
 )
 from dit.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, prior_bpd
@@ -394,6 +395,43 @@ def test_input_perturbation_noises_the_input_but_not_the_target(process):
     assert float(loss) == pytest.approx(float((gamma * xi).square().mean()), rel=1e-4)
     with pytest.raises(ValueError, match="input_perturbation=-0.1"):
         DiffusionConfig(input_perturbation=-0.1)
+
+
+def test_temporal_error_counts_only_what_changes_from_frame_to_frame():
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 4, 2, 2)  # (B, C, T', H', W')
+    offset = torch.randn(2, 3, 1, 2, 2)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0]).view(1, 1, 4, 1, 1)
+    steady, flicker = target + offset, target + offset * sign
+    assert temporal_error(steady, target, None).abs().max() < 1e-6  # the same error in every frame: nothing
+    expected = (2 * offset).square().mean(dim=(1, 2, 3, 4))  # (B,): each change is 2 * offset
+    assert torch.allclose(temporal_error(flicker, target, None), expected, rtol=1e-5)
+    # a conditioned frame 0 (image-to-video) leaves out the change into frame 1; frames 1-3 still count
+    cond = torch.zeros(2, 4, 2, 2, dtype=torch.bool)
+    cond[:, 0] = True
+    flicker_after_0 = flicker.clone()
+    flicker_after_0[:, :, 0] = target[:, :, 0] + 100.0  # a conditioned frame's output is never scored
+    assert torch.allclose(temporal_error(flicker_after_0, target, cond), expected, rtol=1e-5)
+    assert torch.equal(temporal_error(flicker[:, :, :1], target[:, :, :1], None), torch.zeros(2))  # a still
+
+
+def test_training_loss_with_temporal_weight_adds_the_frame_to_frame_change_of_the_error():
+    process = FlowMatching(prediction="x0")  # a constant x0 offset is then a velocity error constant over frames
+    x0 = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    text, text_mask = torch.zeros(2, 2, 8), torch.ones(2, 2, dtype=torch.bool)
+    sign = torch.tensor([1.0, -1.0, 1.0]).view(1, 1, 3, 1, 1)
+
+    def losses(output, weight):
+        return float(training_loss(lambda x, t, s, m: output, x0, process=process, text=text, text_mask=text_mask,
+                                   generator=torch.Generator().manual_seed(2), temporal_weight=weight)[0])
+
+    steady, flicker = x0 + 0.1, x0 + 0.1 * sign
+    assert losses(steady, 0.0) > 0 and losses(steady, 2.0) == pytest.approx(losses(steady, 0.0), rel=1e-6)
+    # the change between neighbouring frames is twice the error, so its square is four times the error's
+    assert losses(flicker, 2.0) == pytest.approx(losses(flicker, 0.0) * (1 + 2.0 * 4), rel=1e-4)
+    assert losses(x0, 2.0) < 1e-10  # the exact model
+    with pytest.raises(ValueError, match="temporal_weight=-1"):
+        DiffusionConfig(temporal_weight=-1)
 
 
 def test_blur_frames_is_a_normalised_gaussian_per_frame():
