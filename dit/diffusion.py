@@ -391,10 +391,10 @@ class DiffusionConfig:
     """Training, `blur_path` > 0: the standard deviation of the blurring path's Gaussian, in latent positions."""
     temporal_weight: float = 0.0
     """Training: weight of a second error term on the difference between neighbouring latent frames' errors,
-    mean over positions free in both frames of ((pred - target)[t + 1] - (pred - target)[t])^2. An error that
-    flips from frame to frame (an outline drawn one way, then another) counts up to three times, one shared by
-    both frames not at all more, so the model is pushed to keep what it draws from frame to frame (docs/demo.md,
-    the demo's small static shapes). 0: the plain loss; stills add nothing to it."""
+    mean over positions free in both frames of ((pred - target)[t + 1] - (pred - target)[t])^2. With weight w an
+    error that flips sign from one frame to the next (an outline drawn one way, then another) costs 1 + 4w times
+    its plain loss, one kept the same in every frame no more, so the model is pushed to keep what it draws from
+    frame to frame (docs/demo.md, the demo's small standing shapes). 0: the plain loss; stills add nothing."""
     self_cond: float = 0.0
     """Training a self-conditioned DiT (`dit.self_cond`): the share of batches whose `x0_prev` is the model's
     own estimate from a first forward pass without gradients (the rest read zeros, as a sampler's first
@@ -493,7 +493,7 @@ def masked_mse(pred: Tensor, target: Tensor, cond_mask: Tensor | None, weight: T
 def temporal_error(pred: Tensor, target: Tensor, cond_mask: Tensor | None) -> Tensor:
     """Per sample (B,): the mean square of the change in error from each latent frame to the next, over the
     positions free (not conditioned) in both; 0 for one-frame samples and samples with no such position."""
-    error = (pred.float() - target.float())  # (B, C, T', H', W')
+    error = pred.float() - target.float()  # (B, C, T', H', W')
     if error.shape[2] < 2:
         return error.new_zeros(error.shape[0])
     change = (error[:, :, 1:] - error[:, :, :-1]).pow(2).mean(dim=1)  # (B, T'-1, H', W')
