@@ -496,11 +496,9 @@ def temporal_error(pred: Tensor, target: Tensor, cond_mask: Tensor | None) -> Te
     error = pred.float() - target.float()  # (B, C, T', H', W')
     if error.shape[2] < 2:
         return error.new_zeros(error.shape[0])
-    change = (error[:, :, 1:] - error[:, :, :-1]).pow(2).mean(dim=1)  # (B, T'-1, H', W')
-    if cond_mask is None:
-        return change.flatten(1).mean(dim=1)
-    free = (~cond_mask[:, 1:] & ~cond_mask[:, :-1]).float()  # (B, T'-1, H', W')
-    return (change * free).flatten(1).sum(dim=1) / free.flatten(1).sum(dim=1).clamp(min=1)
+    # a pair of neighbouring frames counts where neither is conditioned: masked_mse of frame t + 1 against t
+    pairs = None if cond_mask is None else cond_mask[:, 1:] | cond_mask[:, :-1]  # (B, T'-1, H', W')
+    return masked_mse(error[:, :, 1:], error[:, :, :-1], pairs)
 
 
 def self_cond_estimate(process: Process, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:

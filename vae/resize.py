@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import model_folder
 from vae.layers import ResidualBlock
 from vae.model import CausalVAE
 
@@ -58,13 +59,14 @@ def grow_decoder(vae: CausalVAE, blocks: tuple[int, ...], *, seed: int = 0) -> C
         moved.update(zip(was, now[: len(was)], strict=True))  # the source's blocks first; the rest of `now` is new
         if was[-1] + 1 < len(vae.decoder.upsamples):  # every level but the last closes with an Upsample
             moved[was[-1] + 1] = now[-1] + 1
-    state = {}
     prefix = "decoder.upsamples."
+    state = grown.state_dict()  # the new blocks keep their fresh weights; every source weight moves in
     for key, value in vae.state_dict().items():
         if key.startswith(prefix):
             index, rest = key[len(prefix) :].split(".", 1)
             key = f"{prefix}{moved[int(index)]}.{rest}"
         state[key] = value
+    grown.load_state_dict(state)  # strict: a source weight with no place in the grown model is an error
     kept = set(moved.values())
     with torch.no_grad():
         for index, module in enumerate(grown.decoder.upsamples):
@@ -72,10 +74,6 @@ def grow_decoder(vae: CausalVAE, blocks: tuple[int, ...], *, seed: int = 0) -> C
                 last = module.residual[-1]  # the residual branch's last conv: zero, so the block is the identity
                 last.weight.zero_()
                 last.bias.zero_()
-    missing, unexpected = grown.load_state_dict(state, strict=False)
-    new_keys = {f"{prefix}{i}." for i in range(len(grown.decoder.upsamples)) if i not in kept}
-    if unexpected or any(not any(key.startswith(p) for p in new_keys) for key in missing):
-        raise RuntimeError(f"grow_decoder: weights did not map (missing {missing}, unexpected {unexpected})")
     return grown.eval()
 
 
@@ -95,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (model.safetensors + config.json)")
     args = parser.parse_args(argv)
 
-    src = args.src / "vae" if (args.src / "vae" / "config.json").exists() else args.src
-    if not (src / "config.json").exists():
-        parser.error(f"{args.src}: no config.json here or in {args.src / 'vae'}; give a VAE folder")
+    src = model_folder(args.src, part="vae")
+    if not (src / "config.json").is_file():
+        parser.error(f"{args.src}: no VAE config.json there or in {args.src / 'vae'}; give a VAE folder")
     vae = CausalVAE.from_pretrained(src)
     try:
         grown = grow_decoder(vae, tuple(args.decoder_blocks), seed=args.seed)
