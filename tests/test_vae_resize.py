@@ -2,10 +2,13 @@
 source, learns in its new blocks from the first step, and round-trips through its folder."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+from vae import resize
 from vae.model import CausalVAE, VAEConfig
 from vae.resize import decoder_levels, grow_decoder, main
 
@@ -116,3 +119,13 @@ def test_diffusers_names_follow_each_level_s_own_block_count():
         "decoder.up_blocks.1.upsamplers.0.resample.1.weight"
     assert diffusers_key(f"decoder.upsamples.{levels[3][2]}.residual.6.bias", grown.cfg) == \
         "decoder.up_blocks.3.resnets.2.conv2.bias"
+
+
+def test_the_documented_example_grows_the_shipped_demo_vae(tmp_path):
+    """The command in the module docstring and --help, run on weights/demo (three decoder levels)."""
+    root = Path(__file__).resolve().parents[1]
+    example = re.search(r"python -m vae\.resize (\S+) --decoder-blocks ([\d ]+) --out", resize.__doc__)
+    blocks = example[2].split()
+    main([str(root / example[1]), "--decoder-blocks", *blocks, "--out", str(tmp_path / "grown")])
+    grown = CausalVAE.from_pretrained(tmp_path / "grown")
+    assert grown.cfg.level_decoder_blocks == tuple(int(b) for b in blocks)

@@ -1,6 +1,6 @@
 """Grow a trained VAE's decoder without changing its latent space or what it decodes.
 
-    python -m vae.resize weights/demo --decoder-blocks 2 2 3 3 --out outputs/demo/vae-grown
+    python -m vae.resize weights/demo --decoder-blocks 2 2 4 --out outputs/demo/vae-grown
 
 Each decoder level (lowest resolution first) gets the residual blocks asked for; the source's blocks keep
 their weights and stay first in their level, and each new block is appended after them with the last
@@ -82,13 +82,14 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m vae.resize",
         description="Grow a trained VAE's decoder (more residual blocks per level) so that it decodes exactly as "
         "before; the encoder and latent statistics are copied, so a DiT trained on its latents stays valid. "
-        "Then fine-tune the decoder with the encoder frozen (train.py, a VAE config with "
-        "`freeze: [encoder, conv1]` and init_from the grown folder).",
-        epilog="example: python -m vae.resize weights/demo --decoder-blocks 2 2 3 3 --out outputs/demo/vae-grown",
+        "Then fine-tune the decoder with the encoder frozen (train.py with init_from the grown folder, "
+        "vae.decoder_blocks set to the same counts and optim.lr_scales 0 for 'vae\\.(encoder|conv1)\\.', as "
+        "configs/demo/recipe-vae-sharpen.yaml does).",
+        epilog="example: python -m vae.resize weights/demo --decoder-blocks 2 2 4 --out outputs/demo/vae-grown",
     )
     parser.add_argument("src", type=Path, help="a VAE folder (save_pretrained) or a model folder holding vae/")
     parser.add_argument("--decoder-blocks", type=int, nargs="+", required=True, metavar="N",
-                        help="residual blocks per decoder level, lowest resolution first (the demo VAE has 2 2 2 2)")
+                        help="residual blocks per decoder level, lowest resolution first (the demo VAE has 2 2 2)")
     parser.add_argument("--seed", type=int, default=0, help="draws the new blocks' weights")
     parser.add_argument("--out", required=True, type=Path, help="output folder (model.safetensors + config.json)")
     args = parser.parse_args(argv)
