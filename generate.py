@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sampler", default=None, help="euler, heun or euler_a (flow models; euler_a redraws noise every step), ddpm or ddim (DDPM models)")
     sampling.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance; 1 = off")
     sampling.add_argument("--guidance-rescale", type=float, default=None)
+    sampling.add_argument("--temporal-guidance", type=float, default=None,
+                          help="steer away from the model's frame-by-frame prediction so the frames agree "
+                               "(0 = off; one more model call per step; the demo model's default: see its pipeline.json)")
     sampling.add_argument("--shift", type=float, default=None, help="flow-matching timestep shift")
     sampling.add_argument("--seed", type=int, default=None, help="sample i uses seed + i (default 0)")
     sampling.add_argument("--num-samples", type=int, default=None)

@@ -593,12 +593,16 @@ class SampleDefaultsConfig:
     """Sampler steps."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale; a lightly trained model usually wants less than a long run."""
+    temporal_guidance: float = 0.0
+    """Temporal guidance scale (dit/sampling.py); 0 = off."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"sample_defaults.steps={self.steps}: must be >= 1")
         if self.guidance_scale < 0:
             raise ValueError(f"sample_defaults.guidance_scale={self.guidance_scale}: must be >= 0 (1 = no guidance)")
+        if self.temporal_guidance < 0:
+            raise ValueError(f"sample_defaults.temporal_guidance={self.temporal_guidance}: must be >= 0 (0 = off)")
 
 
 @dataclass

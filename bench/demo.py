@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="--full: which prompts and scenes are drawn")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--temporal-guidance", type=float, default=None,
+                        help="temporal guidance scale, 0 = off (default: the model's)")
     parser.add_argument("--noise-offset", type=int, default=0,
                         help="added to every item's noise seed: the same prompts and inputs with other noise, "
                              "to measure how far the table moves by noise alone")
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     items = under_noise(items, offset=args.noise_offset, draws=args.noise_draws)
     for item in items:
         for name, value in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
-                            ("sampler", args.sampler)):
+                            ("temporal_guidance", args.temporal_guidance), ("sampler", args.sampler)):
             if value is not None:
                 item.request.setdefault(name, value)
     pipe = Pipeline.from_pretrained(args.model)

@@ -171,12 +171,24 @@ def _cuda_kernel_priority() -> list:
     ]
 
 
-def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, frames: int | None = None) -> torch.Tensor:
     """Unmasked self-attention over video tokens, (B, heads, L, Dh) -> (B, heads, L, Dh).
 
+    `frames`: the tokens are that many frames of L/frames (t-major, as patchify orders them) and each
+    token attends only within its own frame (the weak model of temporal guidance, dit/sampling.py).
     The sequence-parallel hook, when set, wraps the call here (and only here: cross-attention
-    sees the whole, short text on every rank).
+    sees the whole, short text on every rank); it gathers the whole sequence before it attends, so the
+    frames are whole there too.
     """
+    attend = attention if frames is None else functools.partial(_within_frames, frames=frames)
     if _sequence_parallel_hook is not None:
-        return _sequence_parallel_hook(q, k, v, attention)
-    return attention(q, k, v)
+        return _sequence_parallel_hook(q, k, v, attend)
+    return attend(q, k, v)
+
+
+def _within_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, frames: int) -> torch.Tensor:
+    """Attention inside each of `frames` equal runs of tokens: the frames become batch entries."""
+    if q.shape[2] % frames:
+        raise ValueError(f"{q.shape[2]} tokens do not split into {frames} frames")
+    q, k, v = (rearrange(t, "b h (t n) d -> (b t) h n d", t=frames) for t in (q, k, v))  # (B*T, heads, L/T, Dh)
+    return rearrange(attention(q, k, v), "(b t) h n d -> b h (t n) d", t=frames)  # (B, heads, L, Dh)

@@ -180,11 +180,14 @@ class Attention(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return rearrange(x, "b l (n d) -> b n l d", n=self.num_heads)  # (B, heads, L, Dh)
 
-    def forward_self(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward_self(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], frames: int | None = None
+    ) -> torch.Tensor:
+        """`frames`: attend only within each of that many token frames (see `attention.self_attention`)."""
         q = apply_rope(rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", n=self.num_heads), *rope)
         k = apply_rope(rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", n=self.num_heads), *rope)
         q, k = (rearrange(t, "b l n d -> b n l d") for t in (q, k))  # (B, heads, L, Dh)
-        out = self_attention(q, k, self.heads(self.v(x)))  # (B, heads, L, Dh)
+        out = self_attention(q, k, self.heads(self.v(x)), frames=frames)  # (B, heads, L, Dh)
         return self.o(rearrange(out, "b n l d -> b l (n d)"))  # (B, L, D)
 
     def forward_cross(
@@ -217,13 +220,14 @@ class DiTBlock(nn.Module):
         context: torch.Tensor,  # (B, S, D)
         context_mask: torch.Tensor | None,  # (B, S) bool, None = no padding
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin (L, Dh/2)
+        frames: int | None = None,  # self-attention within each of this many token frames; None = all tokens
     ) -> torch.Tensor:
         assert time_mod.dtype == torch.float32, "modulation must stay float32"
         mod = time_mod + self.modulation.float()[:, None]  # (B, G, 6, D)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(dim=2)  # each (B, G, D)
 
         h = modulate(layer_norm(x, eps=self.eps), shift_sa, scale_sa)  # (B, L, D)
-        x = gated_residual(x, self.self_attn.forward_self(h, rope), gate_sa)  # (B, L, D)
+        x = gated_residual(x, self.self_attn.forward_self(h, rope, frames), gate_sa)  # (B, L, D)
 
         h = layer_norm(x, self.norm3) if self.norm3 is not None else x
         x = x + self.cross_attn.forward_cross(h, context, context_mask)  # (B, L, D)
@@ -299,6 +303,7 @@ class DiTState:
     context_mask: torch.Tensor | None  # (B, S) bool; None = no padding
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (L, Dh/2)
     grid: tuple[int, int, int]  # token grid (T'', H'', W'')
+    frame_local: bool = False  # self-attention only within each token frame (temporal guidance's weak model)
 
 
 class DiT(nn.Module):
@@ -445,7 +450,8 @@ class DiT(nn.Module):
     def run_blocks(self, state: DiTState) -> torch.Tensor:
         """The transformer blocks on `state.tokens` (B, L, D), checkpointed when the config asks -> (B, L, D)."""
         tokens = state.tokens
-        args = (state.time_mod, state.context, state.context_mask, state.rope)
+        frames = state.grid[0] if state.frame_local else None
+        args = (state.time_mod, state.context, state.context_mask, state.rope, frames)
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(
@@ -470,9 +476,11 @@ class DiT(nn.Module):
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-        x0_prev: torch.Tensor | None = None,
+        x0_prev: torch.Tensor | None = None, frame_local: bool = False,
     ) -> torch.Tensor:
-        state = self.embed(x, t, text, text_mask, x0_prev)
+        """`frame_local`: every self-attention stays inside its token frame, so no frame sees another (the
+        weak prediction temporal guidance steers away from, dit/sampling.py)."""
+        state = dataclasses.replace(self.embed(x, t, text, text_mask, x0_prev), frame_local=frame_local)
         return self.finish(state, self.run_blocks(state))  # (B, C_out, T', H', W')
 
     # -- bookkeeping -------------------------------------------------------------------------------

@@ -86,6 +86,9 @@ class GenerationRequest:
     """Classifier-free guidance scale; 1 turns guidance off. None: the model's default."""
     guidance_rescale: float | None = None
     """Guidance rescale factor in [0, 1] (Lin et al. 2023); None: the model's default."""
+    temporal_guidance: float | None = None
+    """Temporal guidance scale >= 0 (dit/sampling.py): steers away from the model's frame-by-frame prediction
+    so the frames agree; 0 turns it off. None: the model's default."""
     shift: float | None = None
     """Flow-matching timestep shift; None: the model's diffusion config."""
     seed: int = 0
@@ -130,6 +133,8 @@ class GenerationRequest:
             raise InvalidRequest(f"guidance_scale={self.guidance_scale}: must be >= 0 (1 turns guidance off)")
         if self.guidance_rescale is not None and not 0 <= self.guidance_rescale <= 1:
             raise InvalidRequest(f"guidance_rescale={self.guidance_rescale}: must be in [0, 1]")
+        if self.temporal_guidance is not None and self.temporal_guidance < 0:
+            raise InvalidRequest(f"temporal_guidance={self.temporal_guidance}: must be >= 0 (0 turns it off)")
         if self.shift is not None and not self.shift > 0:
             raise InvalidRequest(f"shift={self.shift}: must be > 0")
         if not 0 < self.strength <= 1:
@@ -296,6 +301,8 @@ class GenerationDefaults:
     """Classifier-free guidance scale (1 = off)."""
     guidance_rescale: float = 0.0
     """Guidance rescale in [0, 1]."""
+    temporal_guidance: float = 0.0
+    """Temporal guidance scale (>= 0; 0 = off: no extra model call)."""
     negative_prompt: str = ""
     """Default negative prompt; empty = the unconditional input."""
 
@@ -309,6 +316,8 @@ class GenerationDefaults:
             raise ValueError(f"guidance_scale={self.guidance_scale}: must be >= 0")
         if not 0 <= self.guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale={self.guidance_rescale}: must be in [0, 1]")
+        if self.temporal_guidance < 0:
+            raise ValueError(f"temporal_guidance={self.temporal_guidance}: must be >= 0")
 
 
 def resolve_request(request: GenerationRequest, *, defaults: GenerationDefaults, rules: SizeRules) -> GenerationRequest:
@@ -340,6 +349,7 @@ def resolve_request(request: GenerationRequest, *, defaults: GenerationDefaults,
         sampler=r.sampler if r.sampler is not None else defaults.sampler,
         guidance_scale=r.guidance_scale if r.guidance_scale is not None else defaults.guidance_scale,
         guidance_rescale=r.guidance_rescale if r.guidance_rescale is not None else defaults.guidance_rescale,
+        temporal_guidance=r.temporal_guidance if r.temporal_guidance is not None else defaults.temporal_guidance,
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else defaults.negative_prompt)
     _check_condition_fits(resolved, rules)
     return resolved

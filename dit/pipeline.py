@@ -290,9 +290,9 @@ class Pipeline:
             return self.vae.decode(latents.to(self.device, self.dtype), tiling=self.vae_tiling)
 
     def _denoiser(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                  x0_prev: torch.Tensor | None = None):
+                  x0_prev: torch.Tensor | None = None, frame_local: bool = False):
         # The sampler keeps its state in float32; the DiT computes in its own dtype (x0_prev follows x there).
-        return self.dit(x.to(self.dtype), t, text, text_mask, x0_prev)  # (B, C, T', H', W')
+        return self.dit(x.to(self.dtype), t, text, text_mask, x0_prev, frame_local)  # (B, C, T', H', W')
 
     def _noise(self, request: GenerationRequest, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
         """The initial noise from the seed, and the generator that goes on to draw the sampler's noise.
@@ -368,4 +368,5 @@ class Pipeline:
                 init_latents=source, strength=request.strength,
                 generator=generator, progress=progress,
                 patch_size=tuple(self.dit.cfg.patch_size), self_cond=self.dit.cfg.self_cond,
+                temporal_guidance=request.temporal_guidance,
             )  # (1, C, T', H', W')

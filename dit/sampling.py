@@ -1,10 +1,16 @@
-"""Samplers: DDPM ancestral, DDIM, flow Euler, flow Heun and flow ancestral (euler_a), with classifier-free and
-classifier guidance.
+"""Samplers: DDPM ancestral, DDIM, flow Euler, flow Heun and flow ancestral (euler_a), with classifier-free,
+temporal and classifier guidance.
 
 One entry point, `sample`, runs a short loop over a time grid; each iteration asks `predict` for the
 (guided) model output and hands it to a pure one-step function. Conditioned positions (a
 `dit.conditioning.Condition`) are written back after every step, so they come out bit-identical.
 Sampler state is float32 whatever the model's dtype.
+
+Temporal guidance (`temporal_guidance` s > 0) adds s * (cond - cond_frame_local): the conditional prediction
+less the one the model makes when its self-attention stays inside each latent frame (the frame-local
+perturbation of spatiotemporal skip guidance, Hyung et al. 2024). The weak prediction has every frame
+drawn on its own, so the difference is what the frames' attention to each other adds; steering along it
+keeps the frames of one sample agreeing with each other. One more model call per step; none for images.
 
 Time grids (model timesteps, descending, ending at a terminal value that is never evaluated):
   ddpm / ddim: DDPM step indices, 'leading' (0, k, 2k, ... reversed, k = T // steps) or 'trailing'
@@ -217,6 +223,7 @@ class _Denoiser:
     classifier_scale: float
     patch_size: tuple[int, int, int]
     self_cond: bool = False
+    temporal_guidance: float = 0.0
     x0_prev: Tensor | None = None
     """A self-conditioned model's last clean-latent estimate, per stacked copy; None before the first call."""
     both_mask: Tensor | None = field(init=False, default=None)
@@ -229,10 +236,11 @@ class _Denoiser:
     def __call__(self, x: Tensor, t_value: float) -> Tensor:
         t = torch.full((x.shape[0],), t_value, dtype=torch.float32, device=x.device)  # (B,)
         t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
+        previous = self.x0_prev  # the frame-local call reads the estimate the conditional call read
         if self.guidance_scale == 1.0:
             raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x, self.cond_mask)).float()
             self._keep_estimate(raw, x, t)
-            pred = self.process.as_target(raw, x, t)
+            pred = cond = self.process.as_target(raw, x, t)
         else:
             # Conditional and unconditional in one batched forward: [cond; uncond].
             length = max(self.text.shape[1], self.neg_text.shape[1])
@@ -250,12 +258,25 @@ class _Denoiser:
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
             cond, uncond = (self.process.as_target(part, x, t) for part in both.chunk(2))  # (B, C, T', H', W') each
             pred = uncond + self.guidance_scale * (cond - uncond)
-            if self.guidance_rescale > 0:
-                pred = rescale_guidance(pred, cond, self.guidance_rescale)
+        if self.temporal_guidance != 0 and x.shape[2] > self.patch_size[0]:  # one token frame: nothing to keep apart
+            weak = self._frame_local(x, t, t_model, previous)  # (B, C, T', H', W')
+            pred = pred + self.temporal_guidance * (cond - weak)
+        if self.guidance_rescale > 0 and self.guidance_scale != 1.0:
+            pred = rescale_guidance(pred, cond, self.guidance_rescale)
         if self.classifier_log_prob is not None and self.classifier_scale != 0:
             score = self.classifier_scale * classifier_score(self.classifier_log_prob, x, t_model)
             pred = self.process.add_score(pred, x, t, score)
         return pred
+
+    def _frame_local(self, x: Tensor, t: Tensor, t_model: Tensor, previous: Tensor | None) -> Tensor:
+        """The conditional prediction with self-attention kept inside each token frame (temporal guidance's
+        weak model); a self-conditioned model reads the conditional copy's previous estimate."""
+        extra = {}
+        if self.self_cond:
+            estimate = previous[: x.shape[0]] if previous is not None else torch.zeros_like(x)
+            extra = {"x0_prev": self_cond_input(estimate, x, self.cond_mask)}
+        raw = self.model(x, t_model, self.text, self.text_mask, frame_local=True, **extra).float()
+        return self.process.as_target(raw, x, t)  # (B, C, T', H', W')
 
     def _self_cond_input(self, x: Tensor, cond_mask: Tensor | None) -> dict[str, Tensor]:
         """The `x0_prev` keyword of a self-conditioned model's call on x, the batch or [cond; uncond] copies of it
@@ -304,6 +325,7 @@ def sample(
     progress: bool = True,
     patch_size: tuple[int, int, int] = (1, 2, 2),
     self_cond: bool = False,
+    temporal_guidance: float = 0.0,
 ) -> Tensor:
     """Generate clean latents (B, C, T', H', W') from `noise` of that shape.
 
@@ -314,6 +336,8 @@ def sample(
     `sdedit_start_step(steps, strength)` and sampled from there. `generator` draws the stochastic
     samplers' noise (ddpm, ddim with eta > 0, euler_a). `self_cond`: the model is self-conditioned
     (DiTConfig.self_cond) and each call gets its previous clean-latent estimate as `x0_prev`.
+    `temporal_guidance` s adds s * (cond - cond_frame_local) (module doc); the model must take
+    `frame_local=True` (dit.model.DiT does).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: must be one of {sorted(SAMPLERS)}")
@@ -326,13 +350,15 @@ def sample(
             f"guidance_scale={guidance_scale}: classifier-free guidance needs neg_text and neg_mask "
             "(pass the empty prompt's embedding for plain CFG)"
         )
+    if temporal_guidance < 0:
+        raise ValueError(f"temporal_guidance={temporal_guidance}: must be >= 0 (0 turns it off)")
     if (cond_latents is None) != (cond_mask is None):
         raise ValueError("cond_latents and cond_mask: give both or neither")
     if cond_mask is not None:
         cond_mask = cond_mask.to(noise.device)
     denoise = _Denoiser(
         model, process, text, text_mask, neg_text, neg_mask, guidance_scale, guidance_rescale,
-        cond_mask, classifier_log_prob, classifier_scale, patch_size, self_cond,
+        cond_mask, classifier_log_prob, classifier_scale, patch_size, self_cond, temporal_guidance,
     )  # fmt: skip
     grid = time_grid(process, steps, spacing=spacing, tokens=num_tokens(noise.shape, patch_size))
     start = 0 if init_latents is None else sdedit_start_step(steps, strength)
@@ -395,6 +421,8 @@ class SamplerConfig:
     """Classifier-free guidance scale; 1 disables guidance (and the unconditional pass)."""
     guidance_rescale: float = 0.0
     """Guidance rescale phi of Lin et al. 2023 in [0, 1]; 0 disables it."""
+    temporal_guidance: float = 0.0
+    """Temporal guidance scale (module doc); 0 disables it (and its extra model call per step)."""
     eta: float = 0.0
     """DDIM stochasticity: 0 deterministic, 1 ancestral."""
     spacing: str = "leading"
@@ -409,6 +437,8 @@ class SamplerConfig:
             raise ValueError(f"steps={self.steps}: must be >= 1")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale={self.guidance_rescale}: must be in [0, 1]")
+        if self.temporal_guidance < 0:
+            raise ValueError(f"temporal_guidance={self.temporal_guidance}: must be >= 0 (0 turns it off)")
         if self.eta < 0:
             raise ValueError(f"eta={self.eta}: must be >= 0")
         if self.spacing not in SPACINGS:

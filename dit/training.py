@@ -174,5 +174,6 @@ def pipeline_config(cfg: TrainConfig) -> PipelineConfig:
     bucket = max(cfg.data.buckets.buckets(), key=cfg.data.buckets.tokens)
     defaults = GenerationDefaults(height=bucket.height, width=bucket.width, frames=bucket.num_frames,
                                   sampler="euler" if cfg.diffusion.process == "flow" else "ddim",
-                                  steps=cfg.sample_defaults.steps, guidance_scale=cfg.sample_defaults.guidance_scale)
+                                  steps=cfg.sample_defaults.steps, guidance_scale=cfg.sample_defaults.guidance_scale,
+                                  temporal_guidance=cfg.sample_defaults.temporal_guidance)
     return PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)

@@ -71,14 +71,28 @@ def test_identity_sequence_parallel_hook_gives_the_same_output():
         return attn_fn(q, k, v)
 
     with torch.no_grad():
-        plain = model(x, t, text, mask)
+        plain, local = model(x, t, text, mask), model(x, t, text, mask, frame_local=True)
         attn.set_sequence_parallel(identity_hook)
         try:
-            hooked = model(x, t, text, mask)
+            hooked, hooked_local = model(x, t, text, mask), model(x, t, text, mask, frame_local=True)
         finally:
             attn.set_sequence_parallel(None)
-    assert len(calls) == model.cfg.num_layers  # self-attention only; cross-attention bypasses the hook
+    assert len(calls) == 2 * model.cfg.num_layers  # self-attention only; cross-attention bypasses the hook
     assert torch.equal(hooked, plain)
+    assert torch.equal(hooked_local, local)  # the hook gets the frame-local attention to call
+    assert not torch.allclose(local, plain)
+
+
+def test_frame_local_self_attention_attends_within_each_frame():
+    """frames=T: the tokens are T equal t-major runs and each run attends only to itself."""
+    q, k, v = qkv(lq=12, lk=12)
+    local = attn.self_attention(q, k, v, frames=3)
+    for frame in range(3):
+        run = slice(4 * frame, 4 * frame + 4)
+        torch.testing.assert_close(local[:, :, run], reference_attention(q[:, :, run], k[:, :, run], v[:, :, run]))
+    torch.testing.assert_close(attn.self_attention(q, k, v, frames=1), reference_attention(q, k, v))
+    with pytest.raises(ValueError, match="12 tokens do not split into 5 frames"):
+        attn.self_attention(q, k, v, frames=5)
 
 
 @pytest.mark.gpu

@@ -213,6 +213,29 @@ def test_padding_every_sample_shares_is_dropped_before_the_blocks():
     assert trimmed.shape == (3, 3, 4) and trimmed_mask is None
 
 
+def test_frame_local_model_draws_each_frame_on_its_own():
+    """frame_local=True: a frame's prediction is the one the model makes on that frame alone (RoPE keeps its
+    time position), so changing another frame changes nothing there; without it, every frame sees the rest."""
+    model = make_model()
+    x, t, text, mask = make_inputs(model.cfg, grid=(3, 4, 6))
+    other = x.clone()
+    other[:, :, 2] += 1.0
+    with torch.no_grad():
+        local, local_other = model(x, t, text, mask, frame_local=True), model(other, t, text, mask, frame_local=True)
+        full, full_other = model(x, t, text, mask), model(other, t, text, mask)
+        alone = model(x[:, :, :1], t, text, mask)
+    torch.testing.assert_close(local[:, :, :1], alone)
+    torch.testing.assert_close(local_other[:, :, :2], local[:, :, :2])
+    assert not torch.allclose(full_other[:, :, :2], full[:, :, :2])
+    assert not torch.allclose(local[:, :, :1], full[:, :, :1])
+
+
+def test_frame_local_forward_survives_checkpointing():
+    x, t, text, mask = make_inputs(make_model().cfg)
+    outs = [make_model(gradient_checkpointing=on).train()(x, t, text, mask, frame_local=True) for on in (False, True)]
+    torch.testing.assert_close(outs[1], outs[0])
+
+
 def test_checkpointed_blocks_give_the_same_gradients():
     grads = []
     for checkpointing, policy in ((False, "full"), (True, "full"), (True, "attention")):

@@ -184,7 +184,9 @@ def dit_worker() -> None:
         for param_name, p in sharded.named_parameters():
             torch.distributed.all_reduce(p.grad, group=group)
             grads[param_name] = p.grad / 2  # the mean over the group: what DeepSpeed's world average takes
-        results[name] = {"out": out.detach(), "grads": grads}
+        with torch.no_grad():
+            local = sharded(*inputs, frame_local=True)  # temporal guidance's weak model
+        results[name] = {"out": out.detach(), "grads": grads, "frame_local": local}
     results["error"] = error_on_odd_token_count(sharded)
     torch.save(results, f"{os.environ['OUT']}.{parallel.rank()}")
     parallel.destroy_distributed()
@@ -198,8 +200,11 @@ def test_sequence_parallel_dit_on_two_ranks_matches_one_process(tmp_path):
         model, inputs, weight = dit_case(name)
         expected = model(*inputs)  # (B, C, T', H', W')
         (expected * weight).sum().backward()
+        with torch.no_grad():
+            local = model(*inputs, frame_local=True)
         for result in ranks:
             torch.testing.assert_close(result[name]["out"], expected.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(result[name]["frame_local"], local, rtol=1e-5, atol=1e-5)
             for param_name, p in model.named_parameters():
                 torch.testing.assert_close(result[name]["grads"][param_name], p.grad, rtol=1e-4, atol=1e-5,
                                            msg=lambda m, n=name, q=param_name: f"{n}: {q}: {m}")

@@ -220,15 +220,30 @@ def test_resolve_fills_defaults_and_is_idempotent(pipe):
     ({"keyframes": ["x:a.png"], "mode": "keyframes"}, "FRAME:PATH"),
     ({"strength": 0.0}, "strength"),
     ({"mode": "nope"}, "mode='nope'"),
+    ({"temporal_guidance": -0.5}, "temporal_guidance=-0.5: must be >= 0"),
 ])
 def test_bad_requests_name_the_field(options, message):
     with pytest.raises(InvalidRequest, match=message):
         GenerationRequest(prompt="x", **options)
 
 
+def test_temporal_guidance_changes_clips_not_stills_and_comes_from_the_defaults(pipe):
+    """A request's scale wins over the model's default (0 here, as in a pipeline.json written before the
+    setting existed); a still has one latent frame, so the frame-local model would change nothing."""
+    assert pipe.resolve(GenerationRequest(prompt="x")).temporal_guidance == 0.0
+    assert pipe.resolve(GenerationRequest(prompt="x", temporal_guidance=2.0)).temporal_guidance == 2.0
+    plain, guided = generate(pipe, seed=3), generate(pipe, seed=3, temporal_guidance=2.0)
+    assert guided.request.temporal_guidance == 2.0
+    assert not torch.allclose(guided.latents, plain.latents)
+    still = generate(pipe, mode="t2i", seed=3)
+    assert torch.equal(generate(pipe, mode="t2i", seed=3, temporal_guidance=2.0).latents, still.latents)
+
+
 def test_pipeline_json_round_trips_and_rejects_unknown_keys(model_dir):
     config = read_pipeline_config(model_dir)
     assert PipelineConfig.from_json_dict(config.to_json_dict()) == config
     assert config.defaults == DEFAULTS
+    older = {k: v for k, v in config.to_json_dict().items() if k != "temporal_guidance"}
+    assert PipelineConfig.from_json_dict(older).defaults.temporal_guidance == 0.0
     with pytest.raises(ValueError, match="unknown keys"):
         PipelineConfig.from_json_dict({**config.to_json_dict(), "stepz": 3})

@@ -493,3 +493,71 @@ def test_self_conditioned_model_reads_its_previous_estimate(sampler, guidance_sc
         assert torch.equal(x0_prev[keep], x[keep])  # the clean condition
         assert torch.equal(x[keep], torch.cat([clean] * copies)[keep])
 
+
+
+def _frame_local_toy(x, t, text, text_mask, frame_local=False):
+    """_toy_model plus a term only the frame-local call has, so the two predictions differ everywhere."""
+    return _toy_model(x, t, text, text_mask) + (0.3 * x.flip(2) if frame_local else 0.0)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_temporal_guidance_adds_the_conditional_less_the_frame_local_prediction(guidance_scale):
+    """One Euler step from sigma = 1 to 0 returns noise - prediction: the guided output plus
+    s * (cond - cond_frame_local), with the frame-local call made on the prompt."""
+    text, text_mask = _text(length=5)
+    neg_text, neg_mask = _text(length=2, seed=1)
+    noise, scale = _noise(), 1.5
+    options = dict(process=FlowMatching(), sampler="euler", steps=1, text=text, text_mask=text_mask,
+                   neg_text=neg_text, neg_mask=neg_mask, guidance_scale=guidance_scale, progress=False)
+    t = torch.full((B,), 1000.0)
+    cond = _frame_local_toy(noise, t, text, text_mask)
+    weak = _frame_local_toy(noise, t, text, text_mask, frame_local=True)
+    plain = noise - sample(_frame_local_toy, noise, **options)
+    guided = noise - sample(_frame_local_toy, noise, temporal_guidance=scale, **options)
+    torch.testing.assert_close(guided, plain + scale * (cond - weak))
+
+
+def test_temporal_guidance_calls_the_frame_local_model_only_where_it_can_matter():
+    """Off: no frame-local call. On: one per model evaluation of a video. An image (one latent frame) has
+    nothing to keep apart, so it makes none and samples exactly as without."""
+    text, text_mask = _text()
+    neg_text, neg_mask = _text(seed=1)
+    calls = []
+
+    def model(x, t, text, text_mask, frame_local=False):
+        calls.append(frame_local)
+        return _frame_local_toy(x, t, text, text_mask, frame_local)
+
+    options = dict(process=FlowMatching(), sampler="heun", steps=3, text=text, text_mask=text_mask,
+                   neg_text=neg_text, neg_mask=neg_mask, guidance_scale=3.0, progress=False)
+    sample(model, _noise(), **options)
+    assert calls == [False] * 5
+    calls.clear()
+    sample(model, _noise(), temporal_guidance=1.0, **options)
+    assert calls == [False, True] * 5
+    calls.clear()
+    image = _noise(shape=(B, C, 1, H, W))
+    assert torch.equal(sample(model, image, temporal_guidance=1.0, **options), sample(model, image, **options))
+    assert not any(calls)
+    with pytest.raises(ValueError, match="temporal_guidance=-1"):
+        sample(model, _noise(), temporal_guidance=-1.0, **options)
+
+
+def test_temporal_guidance_of_a_self_conditioned_model_reads_the_conditional_estimate():
+    """The frame-local call gets the estimate the conditional call of the same step read (not the one that
+    call just made, and not the unconditional copy's)."""
+    text, text_mask = _text()
+    neg_text, neg_mask = _text(seed=1)
+    calls = []
+
+    def model(x, t, text, text_mask, x0_prev, frame_local=False):
+        calls.append((frame_local, x0_prev.clone()))
+        return _frame_local_toy(x, t, text, text_mask, frame_local) + 0.1 * x0_prev
+
+    sample(model, _noise(), process=FlowMatching(), sampler="euler", steps=3, text=text, text_mask=text_mask,
+           neg_text=neg_text, neg_mask=neg_mask, guidance_scale=3.0, temporal_guidance=1.0, progress=False,
+           self_cond=True)  # fmt: skip
+    assert [local for local, _ in calls] == [False, True] * 3
+    for (_, both), (_, local) in zip(calls[0::2], calls[1::2], strict=True):
+        assert torch.equal(local, both[:B])  # the [cond; uncond] batch's conditional half
+    assert not torch.equal(calls[3][1], calls[1][1])  # and it moves from step to step
