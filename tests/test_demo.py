@@ -186,3 +186,18 @@ def test_decode_scores_saved_latents_again_with_the_decoder_asked_for(tmp_path, 
         with pytest.raises(SystemExit):
             main([*common, *argv])
         assert message in capsys.readouterr().err
+
+
+@needs_weights
+def test_the_recipe_writes_the_shipped_generation_defaults():
+    """The last DiT stage's config stack (the Makefile's) exports the sampling defaults weights/demo has, so
+    a retrained model samples as the shipped one was measured."""
+    from config import load_config
+    from dit.pipeline import read_pipeline_config
+    from dit.training import pipeline_config
+    from train import TrainConfig
+
+    stages = ["recipe-dit", "recipe-dit-finish", "recipe-dit-finish-2", "recipe-dit-fine", "recipe-dit-selfcond"]
+    root = Path(__file__).resolve().parents[1] / "configs" / "demo"
+    cfg = load_config(TrainConfig, [root / f"{stage}.yaml" for stage in stages])
+    assert pipeline_config(cfg).defaults == read_pipeline_config(WEIGHTS).defaults
