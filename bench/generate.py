@@ -55,9 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--frames", type=int, default=33)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--temporal-guidance", type=float, default=0.0,
+                        help="temporal guidance scale; above 0 each step adds a frame-local model call")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
-    defaults = GenerationDefaults(height=args.height, width=args.width, frames=args.frames, fps=16, steps=args.steps)
+    defaults = GenerationDefaults(height=args.height, width=args.width, frames=args.frames, fps=16, steps=args.steps,
+                                  temporal_guidance=args.temporal_guidance)
 
     with tempfile.TemporaryDirectory() as folder:
         build_folder(folder, preset=args.preset, vae_preset=args.vae_preset, defaults=defaults)
