@@ -108,3 +108,20 @@ def test_cuda_kernels_match_the_reference(dtype):
             expected[1] = 0
         out = attn.attention(q.to(dtype), k.to(dtype), v.to(dtype), key_mask=key_mask).float()
         assert ((out - expected).norm() / expected.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_frame_local_attention_on_cuda_matches_the_reference(backend):
+    """The frame-local call through the CUDA kernels (flash, cuDNN or xformers where `auto` picks them)."""
+    q, k, v = (t.cuda() for t in qkv(lq=300, lk=300, dh=64))
+    attn.set_attention_backend(backend)
+    try:
+        out = attn.self_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), frames=3).float()
+    finally:
+        attn.set_attention_backend("auto")
+    for frame in range(3):
+        run = slice(100 * frame, 100 * frame + 100)
+        expected = reference_attention(q[:, :, run], k[:, :, run], v[:, :, run])
+        assert ((out[:, :, run] - expected).norm() / expected.norm()) < 1e-2
