@@ -389,12 +389,13 @@ class DiT(nn.Module):
     # the state between them (sequence parallelism) without the model knowing about ranks.
     def embed(
         self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-        x0_prev: torch.Tensor | None = None,
+        x0_prev: torch.Tensor | None = None, frame_local: bool = False,
     ) -> DiTState:
         """Latents (B, C, T', H', W'), timesteps, text (B, S, Dt) and mask (B, S) -> everything the blocks read.
 
         `x0_prev` (B, C, T', H', W'): the previous clean-latent estimate of a self-conditioned model (None
-        reads as zeros: no estimate yet)."""
+        reads as zeros: no estimate yet). `frame_local`: the blocks' self-attention stays inside each token
+        frame (see `forward`)."""
         batch, _, frames, height, width = x.shape
         if self.cfg.self_cond:
             x = torch.cat([x, torch.zeros_like(x) if x0_prev is None else x0_prev.to(x.dtype)], dim=1)  # (B, 2C, ...)
@@ -435,6 +436,7 @@ class DiT(nn.Module):
             context_mask=context_mask,
             rope=(angles.cos(), angles.sin()),  # (L, Dh/2) each
             grid=grid,
+            frame_local=frame_local,
         )
 
     def pool_text(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
@@ -480,7 +482,7 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """`frame_local`: every self-attention stays inside its token frame, so no frame sees another (the
         weak prediction temporal guidance steers away from, dit/sampling.py)."""
-        state = dataclasses.replace(self.embed(x, t, text, text_mask, x0_prev), frame_local=frame_local)
+        state = self.embed(x, t, text, text_mask, x0_prev, frame_local)
         return self.finish(state, self.run_blocks(state))  # (B, C_out, T', H', W')
 
     # -- bookkeeping -------------------------------------------------------------------------------

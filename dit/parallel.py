@@ -408,8 +408,8 @@ class SequenceParallelDiT(DiT):
         self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
         x0_prev: torch.Tensor | None = None, frame_local: bool = False,
     ) -> torch.Tensor:
-        state = self.embed(x, t, text, text_mask, x0_prev)  # the same full state on every rank
-        state = dataclasses.replace(state, frame_local=frame_local)  # the all-to-all gathers whole frames
+        # The same full state on every rank; frame-local attention works as is (the all-to-all gathers whole frames).
+        state = self.embed(x, t, text, text_mask, x0_prev, frame_local)
         local = self.shard(state)
         with ulysses_attention(self.group):
             tokens = self.run_blocks(local)  # (B, L/sp, D)

@@ -238,7 +238,7 @@ class _Denoiser:
         t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
         previous = self.x0_prev  # the frame-local call reads the estimate the conditional call read
         if self.guidance_scale == 1.0:
-            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x, self.cond_mask)).float()
+            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x, self.cond_mask, self.x0_prev)).float()
             self._keep_estimate(raw, x, t)
             pred = cond = self.process.as_target(raw, x, t)
         else:
@@ -252,7 +252,7 @@ class _Denoiser:
                 torch.cat([t_model, t_model]),
                 torch.cat([text, neg_text]),  # (2B, S, Dt)
                 torch.cat([text_mask, neg_mask]),  # (2B, S)
-                **self._self_cond_input(x_both, self.both_mask),
+                **self._self_cond_input(x_both, self.both_mask, self.x0_prev),
             ).float()
             self._keep_estimate(both, x_both, torch.cat([t, t]))
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
@@ -271,20 +271,18 @@ class _Denoiser:
     def _frame_local(self, x: Tensor, t: Tensor, t_model: Tensor, previous: Tensor | None) -> Tensor:
         """The conditional prediction with self-attention kept inside each token frame (temporal guidance's
         weak model); a self-conditioned model reads the conditional copy's previous estimate."""
-        extra = {}
-        if self.self_cond:
-            estimate = previous[: x.shape[0]] if previous is not None else torch.zeros_like(x)
-            extra = {"x0_prev": self_cond_input(estimate, x, self.cond_mask)}
+        conditional = None if previous is None else previous[: x.shape[0]]  # rows [:B] of a [cond; uncond] batch
+        extra = self._self_cond_input(x, self.cond_mask, conditional)
         raw = self.model(x, t_model, self.text, self.text_mask, frame_local=True, **extra).float()
         return self.process.as_target(raw, x, t)  # (B, C, T', H', W')
 
-    def _self_cond_input(self, x: Tensor, cond_mask: Tensor | None) -> dict[str, Tensor]:
+    def _self_cond_input(self, x: Tensor, cond_mask: Tensor | None, previous: Tensor | None) -> dict[str, Tensor]:
         """The `x0_prev` keyword of a self-conditioned model's call on x, the batch or [cond; uncond] copies of it
-        with their cond_mask (none for other models). Each copy reads its own previous estimate, as it was
-        trained to."""
+        with their cond_mask (none for other models), from `previous`, the estimate each copy made last (None:
+        none yet, read as zeros). Each copy reads its own previous estimate, as it was trained to."""
         if not self.self_cond:
             return {}
-        estimate = self.x0_prev if self.x0_prev is not None else torch.zeros_like(x)
+        estimate = previous if previous is not None else torch.zeros_like(x)
         return {"x0_prev": self_cond_input(estimate, x, cond_mask)}
 
     def _keep_estimate(self, raw: Tensor, x: Tensor, t: Tensor) -> None:
