@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temporal-guidance", type=float, default=None,
                           help="steer away from the model's frame-by-frame prediction so the frames agree "
                                "(0 = off; one more model call per step; the demo model's default: see its pipeline.json)")
+    sampling.add_argument("--temporal-guidance-start", type=float, default=None,
+                          help="temporal guidance only from this share of the steps on, in [0, 1]: 0 every step, "
+                               "0.5 the less noisy half (half the extra calls)")
     sampling.add_argument("--shift", type=float, default=None, help="flow-matching timestep shift")
     sampling.add_argument("--seed", type=int, default=None, help="sample i uses seed + i (default 0)")
     sampling.add_argument("--num-samples", type=int, default=None)

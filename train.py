@@ -595,6 +595,8 @@ class SampleDefaultsConfig:
     """Classifier-free guidance scale; a lightly trained model usually wants less than a long run."""
     temporal_guidance: float = 0.0
     """Temporal guidance scale (dit/sampling.py); 0 = off."""
+    temporal_guidance_start: float = 0.0
+    """Temporal guidance from step round(this * steps) on, in [0, 1]; 0 = every step."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -603,6 +605,9 @@ class SampleDefaultsConfig:
             raise ValueError(f"sample_defaults.guidance_scale={self.guidance_scale}: must be >= 0 (1 = no guidance)")
         if self.temporal_guidance < 0:
             raise ValueError(f"sample_defaults.temporal_guidance={self.temporal_guidance}: must be >= 0 (0 = off)")
+        if not 0 <= self.temporal_guidance_start <= 1:
+            raise ValueError(f"sample_defaults.temporal_guidance_start={self.temporal_guidance_start}: "
+                             "must be in [0, 1] (a share of the steps)")
 
 
 @dataclass

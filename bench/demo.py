@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
     parser.add_argument("--temporal-guidance", type=float, default=None,
                         help="temporal guidance scale, 0 = off (default: the model's)")
+    parser.add_argument("--temporal-guidance-start", type=float, default=None,
+                        help="temporal guidance from this share of the steps on, in [0, 1] (default: the model's)")
     parser.add_argument("--noise-offset", type=int, default=0,
                         help="added to every item's noise seed: the same prompts and inputs with other noise, "
                              "to measure how far the table moves by noise alone")
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     items = under_noise(items, offset=args.noise_offset, draws=args.noise_draws)
     for item in items:
         for name, value in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
-                            ("temporal_guidance", args.temporal_guidance), ("sampler", args.sampler)):
+                            ("temporal_guidance", args.temporal_guidance),
+                            ("temporal_guidance_start", args.temporal_guidance_start), ("sampler", args.sampler)):
             if value is not None:
                 item.request.setdefault(name, value)
     pipe = Pipeline.from_pretrained(args.model)

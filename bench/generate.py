@@ -57,10 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--temporal-guidance", type=float, default=0.0,
                         help="temporal guidance scale; above 0 each step adds a frame-local model call")
+    parser.add_argument("--temporal-guidance-start", type=float, default=0.0,
+                        help="temporal guidance from this share of the steps on (0.5: the extra call on half of them)")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     defaults = GenerationDefaults(height=args.height, width=args.width, frames=args.frames, fps=16, steps=args.steps,
-                                  temporal_guidance=args.temporal_guidance)
+                                  temporal_guidance=args.temporal_guidance,
+                                  temporal_guidance_start=args.temporal_guidance_start)
 
     with tempfile.TemporaryDirectory() as folder:
         build_folder(folder, preset=args.preset, vae_preset=args.vae_preset, defaults=defaults)

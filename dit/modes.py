@@ -89,6 +89,9 @@ class GenerationRequest:
     temporal_guidance: float | None = None
     """Temporal guidance scale >= 0 (dit/sampling.py): steers away from the model's frame-by-frame prediction
     so the frames agree; 0 turns it off. None: the model's default."""
+    temporal_guidance_start: float | None = None
+    """Temporal guidance only from step round(this * steps) on, in [0, 1]: 0 every step, 0.5 the less noisy
+    half. None: the model's default."""
     shift: float | None = None
     """Flow-matching timestep shift; None: the model's diffusion config."""
     seed: int = 0
@@ -135,6 +138,9 @@ class GenerationRequest:
             raise InvalidRequest(f"guidance_rescale={self.guidance_rescale}: must be in [0, 1]")
         if self.temporal_guidance is not None and self.temporal_guidance < 0:
             raise InvalidRequest(f"temporal_guidance={self.temporal_guidance}: must be >= 0 (0 turns it off)")
+        if self.temporal_guidance_start is not None and not 0 <= self.temporal_guidance_start <= 1:
+            raise InvalidRequest(f"temporal_guidance_start={self.temporal_guidance_start}: must be in [0, 1] "
+                                 "(the share of the steps before temporal guidance starts)")
         if self.shift is not None and not self.shift > 0:
             raise InvalidRequest(f"shift={self.shift}: must be > 0")
         if not 0 < self.strength <= 1:
@@ -303,6 +309,8 @@ class GenerationDefaults:
     """Guidance rescale in [0, 1]."""
     temporal_guidance: float = 0.0
     """Temporal guidance scale (>= 0; 0 = off: no extra model call)."""
+    temporal_guidance_start: float = 0.0
+    """Temporal guidance from step round(this * steps) on, in [0, 1]."""
     negative_prompt: str = ""
     """Default negative prompt; empty = the unconditional input."""
 
@@ -318,6 +326,8 @@ class GenerationDefaults:
             raise ValueError(f"guidance_rescale={self.guidance_rescale}: must be in [0, 1]")
         if self.temporal_guidance < 0:
             raise ValueError(f"temporal_guidance={self.temporal_guidance}: must be >= 0")
+        if not 0 <= self.temporal_guidance_start <= 1:
+            raise ValueError(f"temporal_guidance_start={self.temporal_guidance_start}: must be in [0, 1]")
 
 
 def resolve_request(request: GenerationRequest, *, defaults: GenerationDefaults, rules: SizeRules) -> GenerationRequest:
@@ -350,6 +360,8 @@ def resolve_request(request: GenerationRequest, *, defaults: GenerationDefaults,
         guidance_scale=r.guidance_scale if r.guidance_scale is not None else defaults.guidance_scale,
         guidance_rescale=r.guidance_rescale if r.guidance_rescale is not None else defaults.guidance_rescale,
         temporal_guidance=r.temporal_guidance if r.temporal_guidance is not None else defaults.temporal_guidance,
+        temporal_guidance_start=(r.temporal_guidance_start if r.temporal_guidance_start is not None
+                                 else defaults.temporal_guidance_start),
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else defaults.negative_prompt)
     _check_condition_fits(resolved, rules)
     return resolved

@@ -369,4 +369,5 @@ class Pipeline:
                 generator=generator, progress=progress,
                 patch_size=tuple(self.dit.cfg.patch_size), self_cond=self.dit.cfg.self_cond,
                 temporal_guidance=request.temporal_guidance,
+                temporal_guidance_start=request.temporal_guidance_start,
             )  # (1, C, T', H', W')

@@ -11,6 +11,8 @@ less the one the model makes when its self-attention stays inside each latent fr
 perturbation of spatiotemporal skip guidance, Hyung et al. 2024). The weak prediction has every frame
 drawn on its own, so the difference is what the frames' attention to each other adds; steering along it
 keeps the frames of one sample agreeing with each other. One more model call per step; none for images.
+`temporal_guidance_start` f limits it to the steps from round(f * steps) on, the less noisy part of the
+run, after the layout is drawn: fewer extra calls (docs/demo.md measures where the demo model gains).
 
 Time grids (model timesteps, descending, ending at a terminal value that is never evaluated):
   ddpm / ddim: DDPM step indices, 'leading' (0, k, 2k, ... reversed, k = T // steps) or 'trailing'
@@ -233,7 +235,8 @@ class _Denoiser:
         if self.cond_mask is not None:
             self.both_mask = torch.cat([self.cond_mask, self.cond_mask])
 
-    def __call__(self, x: Tensor, t_value: float) -> Tensor:
+    def __call__(self, x: Tensor, t_value: float, temporal: bool = True) -> Tensor:
+        """The guided prediction at x; `temporal` False skips temporal guidance for this call."""
         t = torch.full((x.shape[0],), t_value, dtype=torch.float32, device=x.device)  # (B,)
         t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
         previous = self.x0_prev  # the frame-local call reads the estimate the conditional call read
@@ -258,7 +261,7 @@ class _Denoiser:
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
             cond, uncond = (self.process.as_target(part, x, t) for part in both.chunk(2))  # (B, C, T', H', W') each
             pred = uncond + self.guidance_scale * (cond - uncond)
-        if self.temporal_guidance != 0 and x.shape[2] > self.patch_size[0]:  # one token frame: nothing to keep apart
+        if temporal and self.temporal_guidance != 0 and x.shape[2] > self.patch_size[0]:  # one token frame: nothing to keep apart
             weak = self._frame_local(x, t, t_model, previous)  # (B, C, T', H', W')
             pred = pred + self.temporal_guidance * (cond - weak)
         if self.guidance_rescale > 0 and self.guidance_scale != 1.0:
@@ -324,6 +327,7 @@ def sample(
     patch_size: tuple[int, int, int] = (1, 2, 2),
     self_cond: bool = False,
     temporal_guidance: float = 0.0,
+    temporal_guidance_start: float = 0.0,
 ) -> Tensor:
     """Generate clean latents (B, C, T', H', W') from `noise` of that shape.
 
@@ -335,7 +339,8 @@ def sample(
     samplers' noise (ddpm, ddim with eta > 0, euler_a). `self_cond`: the model is self-conditioned
     (DiTConfig.self_cond) and each call gets its previous clean-latent estimate as `x0_prev`.
     `temporal_guidance` s adds s * (cond - cond_frame_local) (module doc); the model must take
-    `frame_local=True` (dit.model.DiT does).
+    `frame_local=True` (dit.model.DiT does); `temporal_guidance_start` f applies it only from step
+    round(f * steps) of the full grid on (0: every step), v2v's skipped steps counted.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: must be one of {sorted(SAMPLERS)}")
@@ -350,6 +355,8 @@ def sample(
         )
     if temporal_guidance < 0:
         raise ValueError(f"temporal_guidance={temporal_guidance}: must be >= 0 (0 turns it off)")
+    if not 0.0 <= temporal_guidance_start <= 1.0:
+        raise ValueError(f"temporal_guidance_start={temporal_guidance_start}: must be in [0, 1] (a share of the steps)")
     if (cond_latents is None) != (cond_mask is None):
         raise ValueError("cond_latents and cond_mask: give both or neither")
     if cond_mask is not None:
@@ -369,9 +376,11 @@ def sample(
         return x if keep is None else torch.where(keep, cond_latents.to(x.dtype), x)
 
     x = restore(x)
+    temporal_from = round(temporal_guidance_start * steps)
     for index in tqdm(range(start, steps), disable=not progress, desc=sampler):
         t, t_next = grid[index], grid[index + 1]
-        pred = denoise(x, t)
+        temporal = index >= temporal_from
+        pred = denoise(x, t, temporal)
         if sampler == "ddpm":
             noise_step = draw_noise(x, generator) if t_next >= 0 else None
             x = ddpm_step(
@@ -388,7 +397,8 @@ def sample(
         else:
             x = heun_step(
                 x, pred, sigma=process.sigma(t), sigma_next=process.sigma(t_next),
-                predict=lambda x_next, sigma: denoise(restore(x_next), process.num_timesteps * sigma),
+                predict=lambda x_next, sigma, temporal=temporal: denoise(
+                    restore(x_next), process.num_timesteps * sigma, temporal),
             )  # fmt: skip
         x = restore(x)
         if callback is not None:
@@ -421,6 +431,8 @@ class SamplerConfig:
     """Guidance rescale phi of Lin et al. 2023 in [0, 1]; 0 disables it."""
     temporal_guidance: float = 0.0
     """Temporal guidance scale (module doc); 0 disables it (and its extra model call per step)."""
+    temporal_guidance_start: float = 0.0
+    """Temporal guidance only from step round(this * steps) on; 0: every step."""
     eta: float = 0.0
     """DDIM stochasticity: 0 deterministic, 1 ancestral."""
     spacing: str = "leading"
@@ -437,6 +449,8 @@ class SamplerConfig:
             raise ValueError(f"guidance_rescale={self.guidance_rescale}: must be in [0, 1]")
         if self.temporal_guidance < 0:
             raise ValueError(f"temporal_guidance={self.temporal_guidance}: must be >= 0 (0 turns it off)")
+        if not 0.0 <= self.temporal_guidance_start <= 1.0:
+            raise ValueError(f"temporal_guidance_start={self.temporal_guidance_start}: must be in [0, 1]")
         if self.eta < 0:
             raise ValueError(f"eta={self.eta}: must be >= 0")
         if self.spacing not in SPACINGS:

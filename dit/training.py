@@ -175,5 +175,6 @@ def pipeline_config(cfg: TrainConfig) -> PipelineConfig:
     defaults = GenerationDefaults(height=bucket.height, width=bucket.width, frames=bucket.num_frames,
                                   sampler="euler" if cfg.diffusion.process == "flow" else "ddim",
                                   steps=cfg.sample_defaults.steps, guidance_scale=cfg.sample_defaults.guidance_scale,
-                                  temporal_guidance=cfg.sample_defaults.temporal_guidance)
+                                  temporal_guidance=cfg.sample_defaults.temporal_guidance,
+                                  temporal_guidance_start=cfg.sample_defaults.temporal_guidance_start)
     return PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)

@@ -221,6 +221,7 @@ def test_resolve_fills_defaults_and_is_idempotent(pipe):
     ({"strength": 0.0}, "strength"),
     ({"mode": "nope"}, "mode='nope'"),
     ({"temporal_guidance": -0.5}, "temporal_guidance=-0.5: must be >= 0"),
+    ({"temporal_guidance_start": 1.2}, "temporal_guidance_start=1.2: must be in"),
 ])
 def test_bad_requests_name_the_field(options, message):
     with pytest.raises(InvalidRequest, match=message):
@@ -239,11 +240,25 @@ def test_temporal_guidance_changes_clips_not_stills_and_comes_from_the_defaults(
     assert torch.equal(generate(pipe, mode="t2i", seed=3, temporal_guidance=2.0).latents, still.latents)
 
 
+def test_temporal_guidance_start_guides_the_later_steps_only(pipe):
+    """From step round(start * steps) on: start 1 guides no step (the unguided clip exactly), a start inside
+    the run gives a clip of its own; an unset start resolves to the model's default (0)."""
+    assert pipe.resolve(GenerationRequest(prompt="x")).temporal_guidance_start == 0.0
+    plain = generate(pipe, seed=3)
+    never = generate(pipe, seed=3, temporal_guidance=2.0, temporal_guidance_start=1.0)
+    assert never.request.temporal_guidance_start == 1.0
+    assert torch.equal(never.latents, plain.latents)
+    every = generate(pipe, seed=3, temporal_guidance=2.0)
+    late = generate(pipe, seed=3, temporal_guidance=2.0, temporal_guidance_start=0.5)
+    assert not torch.allclose(late.latents, plain.latents) and not torch.allclose(late.latents, every.latents)
+
+
 def test_pipeline_json_round_trips_and_rejects_unknown_keys(model_dir):
     config = read_pipeline_config(model_dir)
     assert PipelineConfig.from_json_dict(config.to_json_dict()) == config
     assert config.defaults == DEFAULTS
-    older = {k: v for k, v in config.to_json_dict().items() if k != "temporal_guidance"}
+    older = {k: v for k, v in config.to_json_dict().items() if not k.startswith("temporal_guidance")}
     assert PipelineConfig.from_json_dict(older).defaults.temporal_guidance == 0.0
+    assert PipelineConfig.from_json_dict(older).defaults.temporal_guidance_start == 0.0
     with pytest.raises(ValueError, match="unknown keys"):
         PipelineConfig.from_json_dict({**config.to_json_dict(), "stepz": 3})

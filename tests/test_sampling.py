@@ -543,6 +543,43 @@ def test_temporal_guidance_calls_the_frame_local_model_only_where_it_can_matter(
         sample(model, _noise(), temporal_guidance=-1.0, **options)
 
 
+def test_temporal_guidance_start_guides_only_the_later_steps_of_the_full_grid():
+    """start f: no frame-local call before step round(f * steps) (both evaluations of a Heun step follow
+    its step), so the trajectory up to there is the unguided one; v2v's skipped steps count; f = 1 is off."""
+    text, text_mask = _text()
+    neg_text, neg_mask = _text(seed=1)
+    calls, states = [], []
+
+    def model(x, t, text, text_mask, frame_local=False):
+        calls.append(frame_local)
+        return _frame_local_toy(x, t, text, text_mask, frame_local)
+
+    def run(**extra):
+        calls.clear()
+        states.clear()
+        sample(model, _noise(), process=FlowMatching(), steps=4, text=text, text_mask=text_mask, neg_text=neg_text,
+               neg_mask=neg_mask, guidance_scale=3.0, progress=False,
+               callback=lambda index, t, x: states.append(x.clone()), **{"temporal_guidance": 1.0, **extra})  # fmt: skip
+        return list(calls), list(states)
+
+    heun_calls, _ = run(sampler="heun", temporal_guidance_start=0.5)
+    assert heun_calls == [False] * 4 + [False, True] * 3  # steps 0-1: two evaluations each; 2-3 guided
+    plain_calls, plain = run(sampler="euler", temporal_guidance=0.0)
+    late_calls, late = run(sampler="euler", temporal_guidance_start=0.5)
+    assert late_calls == [False, False, False, True, False, True]
+    assert all(torch.equal(a, b) for a, b in zip(late[:2], plain[:2], strict=True))
+    assert not torch.allclose(late[2], plain[2])
+    every_calls, _ = run(sampler="euler", temporal_guidance_start=0.0)
+    assert every_calls == [False, True] * 4
+    off_calls, off = run(sampler="euler", temporal_guidance_start=1.0)
+    assert not any(off_calls) and all(torch.equal(a, b) for a, b in zip(off, plain, strict=True))
+    source = _noise(seed=5)
+    v2v_calls, _ = run(sampler="euler", init_latents=source, strength=0.5, temporal_guidance_start=0.75)
+    assert v2v_calls == [False, False, True]  # the run is steps 2-3; guidance from step 3
+    with pytest.raises(ValueError, match="temporal_guidance_start=1.5: must be in"):
+        run(sampler="euler", temporal_guidance_start=1.5)
+
+
 def test_temporal_guidance_of_a_self_conditioned_model_reads_the_conditional_estimate():
     """The frame-local call gets the estimate the conditional call of the same step read (not the one that
     call just made, and not the unconditional copy's)."""
