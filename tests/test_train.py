@@ -297,6 +297,18 @@ def test_decoded_cache_setting_is_read_and_checked():
         load_config(TrainConfig, ROOT / "configs/demo/recipe-vae.yaml", overrides=["data.decoded_cache_mb=-1"])
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("sample_defaults.temporal_guidance=-1", r"sample_defaults.temporal_guidance=-1.0: must be >= 0"),
+    ("sample_defaults.temporal_guidance_start=1.5", r"sample_defaults.temporal_guidance_start=1.5: must be in \[0, 1\]"),
+])
+def test_bad_sample_defaults_are_refused_before_a_run_starts(override, message):
+    from config import ConfigError
+    from train import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, ROOT / "configs/demo/recipe-dit.yaml", overrides=[override])
+
+
 def test_nonfinite_losses_are_skipped_counted_and_leave_the_weights_untouched(tmp_path):
     from train import Trainer
 

@@ -60,7 +60,8 @@ def test_dit_loss_falls_and_export_holds_the_ema_weights(world, tmp_path):
         # velocity has a high irreducible floor on random-VAE latents, so a short run barely moves it.
         "steps=20", "optim.lr=1e-2", "optim.warmup_steps=3", "ema.decay=0.9", "data.caption_dropout=0.1",
         "dit.text_dim=64", "dit.in_channels=4", "dit.out_channels=4", "diffusion.process=ddpm",
-        "sample_defaults.steps=12", "sample_defaults.guidance_scale=2.5", *BUCKETS, *QUIET])
+        "sample_defaults.steps=12", "sample_defaults.guidance_scale=2.5", "sample_defaults.temporal_guidance=0.5",
+        "sample_defaults.temporal_guidance_start=0.25", *BUCKETS, *QUIET])
     trainer = Trainer(cfg, build_task(cfg))
     stream = trainer.task.batches(dp_rank=0, dp_size=1)
     probe = [next(stream) for _ in range(3)]
@@ -81,6 +82,7 @@ def test_dit_loss_falls_and_export_holds_the_ema_weights(world, tmp_path):
     pipeline = read_pipeline_config(out)
     assert pipeline.diffusion == cfg.diffusion
     assert (pipeline.defaults.steps, pipeline.defaults.guidance_scale, pipeline.defaults.sampler) == (12, 2.5, "ddim")
+    assert (pipeline.defaults.temporal_guidance, pipeline.defaults.temporal_guidance_start) == (0.5, 0.25)
     assert (out / "vae" / "model.safetensors").read_bytes() == (world["vae"] / "model.safetensors").read_bytes()
     DiT.from_pretrained(out / "dit")  # generate.py's loader accepts the folder
 
