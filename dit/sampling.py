@@ -240,9 +240,9 @@ class _Denoiser:
         """The guided prediction at x; `temporal` False skips temporal guidance for this call."""
         t = torch.full((x.shape[0],), t_value, dtype=torch.float32, device=x.device)  # (B,)
         t_model = model_timesteps(t, self.cond_mask, self.patch_size)  # (B,) | (B, T') | (B, L)
-        previous = self.x0_prev  # the frame-local call reads the estimate the conditional call read
+        previous = self.x0_prev  # every call of this step reads it, the frame-local one after it is replaced
         if self.guidance_scale == 1.0:
-            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x, self.cond_mask, self.x0_prev)).float()
+            raw = self.model(x, t_model, self.text, self.text_mask, **self._self_cond_input(x, self.cond_mask, previous)).float()
             self._keep_estimate(raw, x, t)
             pred = cond = self.process.as_target(raw, x, t)
         else:
@@ -256,7 +256,7 @@ class _Denoiser:
                 torch.cat([t_model, t_model]),
                 torch.cat([text, neg_text]),  # (2B, S, Dt)
                 torch.cat([text_mask, neg_mask]),  # (2B, S)
-                **self._self_cond_input(x_both, self.both_mask, self.x0_prev),
+                **self._self_cond_input(x_both, self.both_mask, previous),
             ).float()
             self._keep_estimate(both, x_both, torch.cat([t, t]))
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).

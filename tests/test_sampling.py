@@ -554,12 +554,12 @@ def test_temporal_guidance_start_guides_only_the_later_steps_of_the_full_grid():
         calls.append(frame_local)
         return _frame_local_toy(x, t, text, text_mask, frame_local)
 
-    def run(**extra):
+    def run(temporal_guidance=1.0, **extra):
         calls.clear()
         states.clear()
         sample(model, _noise(), process=FlowMatching(), steps=4, text=text, text_mask=text_mask, neg_text=neg_text,
-               neg_mask=neg_mask, guidance_scale=3.0, progress=False,
-               callback=lambda index, t, x: states.append(x.clone()), **{"temporal_guidance": 1.0, **extra})  # fmt: skip
+               neg_mask=neg_mask, guidance_scale=3.0, temporal_guidance=temporal_guidance, progress=False,
+               callback=lambda index, t, x: states.append(x.clone()), **extra)  # fmt: skip
         return list(calls), list(states)
 
     heun_calls, _ = run(sampler="heun", temporal_guidance_start=0.5)
