@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temporal-guidance-start", type=float, default=None,
                           help="temporal guidance only from this share of the steps on, in [0, 1]: 0 every step, "
                                "0.5 the less noisy half (half the extra calls)")
+    sampling.add_argument("--cfg-zero-star", action=argparse.BooleanOptionalAction, default=None,
+                          help="CFG-Zero*: scale the unconditional prediction to the conditional one's direction "
+                               "before guidance (--no-cfg-zero-star: plain CFG; default: the model's)")
+    sampling.add_argument("--zero-init-steps", type=int, default=None,
+                          help="flow samplers: leave the noise as it is for this many first steps (CFG-Zero*'s "
+                               "zero-init; 0 = none; default: the model's)")
     sampling.add_argument("--shift", type=float, default=None, help="flow-matching timestep shift")
     sampling.add_argument("--seed", type=int, default=None, help="sample i uses seed + i (default 0)")
     sampling.add_argument("--num-samples", type=int, default=None)

@@ -597,6 +597,10 @@ class SampleDefaultsConfig:
     """Temporal guidance scale (dit/sampling.py); 0 = off."""
     temporal_guidance_start: float = 0.0
     """Temporal guidance from step round(this * steps) on, in [0, 1]; 0 = every step."""
+    cfg_zero_star: bool = False
+    """CFG-Zero*: the unconditional prediction scaled by s* before guidance (dit/sampling.py)."""
+    zero_init_steps: int = 0
+    """Flow models: the noise left as it is for this many first steps (CFG-Zero*'s zero-init); 0 = none."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -608,6 +612,9 @@ class SampleDefaultsConfig:
         if not 0 <= self.temporal_guidance_start <= 1:
             raise ValueError(f"sample_defaults.temporal_guidance_start={self.temporal_guidance_start}: "
                              "must be in [0, 1] (a share of the steps)")
+        if not 0 <= self.zero_init_steps < self.steps:
+            raise ValueError(f"sample_defaults.zero_init_steps={self.zero_init_steps}: must be in [0, steps) "
+                             f"(steps={self.steps}; 0 = none)")
 
 
 @dataclass
@@ -653,6 +660,10 @@ class TrainConfig(LoopConfig):
                 raise ValueError(f"cond.patch_size={self.cond.patch_size}: must equal dit.patch_size="
                                  f"{self.dit.patch_size} (condition boxes align to tokens)")
             parallel.check_heads_divisible(self.dit.num_heads, self.parallel.sp_size)
+            if self.sample_defaults.zero_init_steps and self.diffusion.process != "flow":
+                raise ValueError(f"sample_defaults.zero_init_steps={self.sample_defaults.zero_init_steps}: a "
+                                 f"zero-velocity step needs diffusion.process='flow', not "
+                                 f"{self.diffusion.process!r}; use 0")
         if self.task == "vae" and not self.data.manifest:
             raise ValueError("data.manifest=None: task 'vae' trains on pixels and needs a manifest")
         if self.task == "vae" and self.parallel.sp_size > 1:

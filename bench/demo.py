@@ -274,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="temporal guidance scale, 0 = off (default: the model's)")
     parser.add_argument("--temporal-guidance-start", type=float, default=None,
                         help="temporal guidance from this share of the steps on, in [0, 1] (default: the model's)")
+    parser.add_argument("--cfg-zero-star", action=argparse.BooleanOptionalAction, default=None,
+                        help="CFG-Zero*'s scaled unconditional prediction (default: the model's)")
+    parser.add_argument("--zero-init-steps", type=int, default=None,
+                        help="first steps left at the noise, CFG-Zero*'s zero-init (default: the model's)")
     parser.add_argument("--noise-offset", type=int, default=0,
                         help="added to every item's noise seed: the same prompts and inputs with other noise, "
                              "to measure how far the table moves by noise alone")
@@ -327,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     for item in items:
         for name, value in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
                             ("temporal_guidance", args.temporal_guidance),
-                            ("temporal_guidance_start", args.temporal_guidance_start), ("sampler", args.sampler)):
+                            ("temporal_guidance_start", args.temporal_guidance_start),
+                            ("cfg_zero_star", args.cfg_zero_star), ("zero_init_steps", args.zero_init_steps),
+                            ("sampler", args.sampler)):
             if value is not None:
                 item.request.setdefault(name, value)
     pipe = Pipeline.from_pretrained(args.model)

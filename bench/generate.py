@@ -59,11 +59,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="temporal guidance scale; above 0 each step adds a frame-local model call")
     parser.add_argument("--temporal-guidance-start", type=float, default=0.0,
                         help="temporal guidance from this share of the steps on (0.5: the extra call on half of them)")
+    parser.add_argument("--cfg-zero-star", action="store_true", help="CFG-Zero*'s scaled unconditional prediction")
+    parser.add_argument("--zero-init-steps", type=int, default=0, help="first steps left at the noise (CFG-Zero*)")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     defaults = GenerationDefaults(height=args.height, width=args.width, frames=args.frames, fps=16, steps=args.steps,
                                   temporal_guidance=args.temporal_guidance,
-                                  temporal_guidance_start=args.temporal_guidance_start)
+                                  temporal_guidance_start=args.temporal_guidance_start,
+                                  cfg_zero_star=args.cfg_zero_star, zero_init_steps=args.zero_init_steps)
 
     with tempfile.TemporaryDirectory() as folder:
         build_folder(folder, preset=args.preset, vae_preset=args.vae_preset, defaults=defaults)

@@ -92,6 +92,12 @@ class GenerationRequest:
     temporal_guidance_start: float | None = None
     """Temporal guidance only from step round(this * steps) on, in [0, 1]: 0 every step, 0.5 the less noisy
     half. None: the model's default."""
+    cfg_zero_star: bool | None = None
+    """CFG-Zero* (dit/sampling.py): scale the unconditional prediction by s* per sample before guidance.
+    None: the model's default."""
+    zero_init_steps: int | None = None
+    """Flow samplers: leave the noise as it is for this many first steps (CFG-Zero*'s zero-init); 0 none.
+    None: the model's default."""
     shift: float | None = None
     """Flow-matching timestep shift; None: the model's diffusion config."""
     seed: int = 0
@@ -141,6 +147,8 @@ class GenerationRequest:
         if self.temporal_guidance_start is not None and not 0 <= self.temporal_guidance_start <= 1:
             raise InvalidRequest(f"temporal_guidance_start={self.temporal_guidance_start}: must be in [0, 1] "
                                  "(the share of the steps before temporal guidance starts)")
+        if self.zero_init_steps is not None:
+            _check_zero_init(self.zero_init_steps, sampler=self.sampler, steps=self.steps)
         if self.shift is not None and not self.shift > 0:
             raise InvalidRequest(f"shift={self.shift}: must be > 0")
         if not 0 < self.strength <= 1:
@@ -311,6 +319,10 @@ class GenerationDefaults:
     """Temporal guidance scale (>= 0; 0 = off: no extra model call)."""
     temporal_guidance_start: float = 0.0
     """Temporal guidance from step round(this * steps) on, in [0, 1]."""
+    cfg_zero_star: bool = False
+    """CFG-Zero*: the unconditional prediction scaled by s* before guidance."""
+    zero_init_steps: int = 0
+    """Flow samplers: the noise left as it is for this many first steps (CFG-Zero*'s zero-init)."""
     negative_prompt: str = ""
     """Default negative prompt; empty = the unconditional input."""
 
@@ -328,6 +340,9 @@ class GenerationDefaults:
             raise ValueError(f"temporal_guidance={self.temporal_guidance}: must be >= 0")
         if not 0 <= self.temporal_guidance_start <= 1:
             raise ValueError(f"temporal_guidance_start={self.temporal_guidance_start}: must be in [0, 1]")
+        from dit.sampling import check_zero_init_steps
+
+        check_zero_init_steps(self.zero_init_steps, sampler=self.sampler, steps=self.steps)
 
 
 def resolve_request(request: GenerationRequest, *, defaults: GenerationDefaults, rules: SizeRules) -> GenerationRequest:
@@ -362,9 +377,21 @@ def resolve_request(request: GenerationRequest, *, defaults: GenerationDefaults,
         temporal_guidance=r.temporal_guidance if r.temporal_guidance is not None else defaults.temporal_guidance,
         temporal_guidance_start=(r.temporal_guidance_start if r.temporal_guidance_start is not None
                                  else defaults.temporal_guidance_start),
+        cfg_zero_star=r.cfg_zero_star if r.cfg_zero_star is not None else defaults.cfg_zero_star,
+        zero_init_steps=r.zero_init_steps if r.zero_init_steps is not None else defaults.zero_init_steps,
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else defaults.negative_prompt)
+    _check_zero_init(resolved.zero_init_steps, sampler=resolved.sampler, steps=resolved.steps)
     _check_condition_fits(resolved, rules)
     return resolved
+
+
+def _check_zero_init(zero_init_steps: int, *, sampler: str | None, steps: int | None) -> None:
+    from dit.sampling import check_zero_init_steps
+
+    try:
+        check_zero_init_steps(zero_init_steps, sampler=sampler, steps=steps)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
 
 
 def _context_frames(request: GenerationRequest, frames: int, rules: SizeRules) -> int | None:

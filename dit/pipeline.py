@@ -370,4 +370,5 @@ class Pipeline:
                 patch_size=tuple(self.dit.cfg.patch_size), self_cond=self.dit.cfg.self_cond,
                 temporal_guidance=request.temporal_guidance,
                 temporal_guidance_start=request.temporal_guidance_start,
+                cfg_zero_star=request.cfg_zero_star, zero_init_steps=request.zero_init_steps,
             )  # (1, C, T', H', W')

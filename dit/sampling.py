@@ -15,6 +15,13 @@ keeps the frames of one sample agreeing with each other. One more model call per
 run, after the layout is drawn: the demo model gains nothing from the noisier half of its steps, and f = 0.5
 draws within the noise of every step in 5/6 of the time (docs/demo.md, session 29).
 
+CFG-Zero* (Fan et al. 2025), for flow models and any guided model: `cfg_zero_star` scales the unconditional
+prediction by s* = <cond, uncond> / |uncond|^2 per sample before guidance, s* uncond + w (cond - s* uncond),
+so guidance pushes away only from the part of the unconditional prediction the conditional one does not
+share (s* = 1 gives plain CFG); `zero_init_steps` n leaves x as the noise for the first n steps of the grid,
+whose velocity is the least accurate (a flow sampler's step with zero velocity). The demo model gains seen
+shapes with both (docs/demo.md, session 32).
+
 Time grids (model timesteps, descending, ending at a terminal value that is never evaluated):
   ddpm / ddim: DDPM step indices, 'leading' (0, k, 2k, ... reversed, k = T // steps) or 'trailing'
                (round(T - i T / steps) - 1, starting at T - 1), then -1 (the clean data).
@@ -44,6 +51,7 @@ from dit.diffusion import (
 from dit.text_encoder import pad_text
 
 SAMPLERS = {"ddpm": DDPM, "ddim": DDPM, "euler": FlowMatching, "heun": FlowMatching, "euler_a": FlowMatching}
+FLOW_SAMPLERS = tuple(name for name, process in SAMPLERS.items() if process is FlowMatching)
 SPACINGS = ("leading", "trailing")
 DDPM_VARIANCES = ("beta", "beta_tilde")
 
@@ -201,6 +209,13 @@ def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * matched + (1 - rescale) * guided
 
 
+def optimized_scale(cond: Tensor, uncond: Tensor) -> Tensor:
+    """CFG-Zero*'s s* (B, 1, ..., 1): per sample, the scale of `uncond` nearest `cond`, <cond, uncond> / |uncond|^2."""
+    c, u = cond.flatten(1), uncond.flatten(1)  # (B, N)
+    scale = (c * u).sum(1) / u.square().sum(1).clamp_min(torch.finfo(u.dtype).tiny)  # (B,)
+    return scale.view(-1, *[1] * (cond.ndim - 1))
+
+
 def classifier_score(log_prob: ClassifierLogProb, x: Tensor, t_model: Tensor) -> Tensor:
     """grad_x log p(y | x_t, t) (B, C, T', H', W'), computed even when sampling runs under no_grad."""
     with torch.enable_grad():
@@ -227,6 +242,7 @@ class _Denoiser:
     patch_size: tuple[int, int, int]
     self_cond: bool = False
     temporal_guidance: float = 0.0
+    cfg_zero_star: bool = False
     x0_prev: Tensor | None = None
     """A self-conditioned model's last clean-latent estimate, per stacked copy; None before the first call."""
     both_mask: Tensor | None = field(init=False, default=None)
@@ -261,6 +277,8 @@ class _Denoiser:
             self._keep_estimate(both, x_both, torch.cat([t, t]))
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
             cond, uncond = (self.process.as_target(part, x, t) for part in both.chunk(2))  # (B, C, T', H', W') each
+            if self.cfg_zero_star:
+                uncond = optimized_scale(cond, uncond) * uncond
             pred = uncond + self.guidance_scale * (cond - uncond)
         if temporal and self.temporal_guidance != 0 and x.shape[2] > self.patch_size[0]:  # one token frame: nothing to keep apart
             weak = self._frame_local(x, t, t_model, previous)  # (B, C, T', H', W')
@@ -329,6 +347,8 @@ def sample(
     self_cond: bool = False,
     temporal_guidance: float = 0.0,
     temporal_guidance_start: float = 0.0,
+    cfg_zero_star: bool = False,
+    zero_init_steps: int = 0,
 ) -> Tensor:
     """Generate clean latents (B, C, T', H', W') from `noise` of that shape.
 
@@ -341,7 +361,10 @@ def sample(
     (DiTConfig.self_cond) and each call gets its previous clean-latent estimate as `x0_prev`.
     `temporal_guidance` s adds s * (cond - cond_frame_local) (module doc); the model must take
     `frame_local=True` (dit.model.DiT does); `temporal_guidance_start` f applies it only from step
-    round(f * steps) of the full grid on (0: every step), v2v's skipped steps counted.
+    round(f * steps) of the full grid on (0: every step), v2v's skipped steps counted. `cfg_zero_star` scales
+    the unconditional prediction by s* before guidance; `zero_init_steps` n (flow samplers) leaves x unchanged
+    for steps 0..n-1 of the full grid, a self-conditioned model still making the estimate the next step reads
+    (module doc).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: must be one of {sorted(SAMPLERS)}")
@@ -360,11 +383,12 @@ def sample(
         raise ValueError(f"temporal_guidance_start={temporal_guidance_start}: must be in [0, 1] (a share of the steps)")
     if (cond_latents is None) != (cond_mask is None):
         raise ValueError("cond_latents and cond_mask: give both or neither")
+    check_zero_init_steps(zero_init_steps, sampler=sampler, steps=steps)
     if cond_mask is not None:
         cond_mask = cond_mask.to(noise.device)
     denoise = _Denoiser(
         model, process, text, text_mask, neg_text, neg_mask, guidance_scale, guidance_rescale,
-        cond_mask, classifier_log_prob, classifier_scale, patch_size, self_cond, temporal_guidance,
+        cond_mask, classifier_log_prob, classifier_scale, patch_size, self_cond, temporal_guidance, cfg_zero_star,
     )  # fmt: skip
     grid = time_grid(process, steps, spacing=spacing, tokens=num_tokens(noise.shape, patch_size))
     start = 0 if init_latents is None else sdedit_start_step(steps, strength)
@@ -380,6 +404,13 @@ def sample(
     temporal_from = round(temporal_guidance_start * steps)
     for index in tqdm(range(start, steps), disable=not progress, desc=sampler):
         t, t_next = grid[index], grid[index + 1]
+        if index < zero_init_steps:
+            # Zero velocity: x stays as it is; a self-conditioned model still makes the estimate the next step reads.
+            if self_cond:
+                denoise(x, t, False)
+            if callback is not None:
+                callback(index, t, x)
+            continue
         temporal = index >= temporal_from
         pred = denoise(x, t, temporal)
         if sampler == "ddpm":
@@ -405,6 +436,20 @@ def sample(
         if callback is not None:
             callback(index, t, x)
     return x
+
+
+def check_zero_init_steps(zero_init_steps: int, *, sampler: str | None, steps: int | None) -> None:
+    """ValueError unless `zero_init_steps` suits the sampler and leaves steps to run (None: not known yet)."""
+    if zero_init_steps < 0:
+        raise ValueError(f"zero_init_steps={zero_init_steps}: must be >= 0 (0 turns it off)")
+    if zero_init_steps == 0:
+        return
+    if sampler is not None and sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"zero_init_steps={zero_init_steps}: a zero-velocity step needs a flow sampler "
+                         f"({', '.join(FLOW_SAMPLERS)}), not {sampler!r}; use 0")
+    if steps is not None and zero_init_steps >= steps:
+        raise ValueError(f"zero_init_steps={zero_init_steps}: must be below steps={steps} (the output would be "
+                         "the noise itself)")
 
 
 def _noised(process: Process, x0: Tensor, noise: Tensor, t_value: float) -> Tensor:
@@ -434,6 +479,10 @@ class SamplerConfig:
     """Temporal guidance scale (module doc); 0 disables it (and its extra model call per step)."""
     temporal_guidance_start: float = 0.0
     """Temporal guidance only from step round(this * steps) on; 0: every step."""
+    cfg_zero_star: bool = False
+    """CFG-Zero*: the unconditional prediction scaled by s* per sample before guidance (module doc)."""
+    zero_init_steps: int = 0
+    """Flow samplers: x left as the noise for this many first steps (CFG-Zero*'s zero-init); 0: none."""
     eta: float = 0.0
     """DDIM stochasticity: 0 deterministic, 1 ancestral."""
     spacing: str = "leading"
@@ -452,6 +501,7 @@ class SamplerConfig:
             raise ValueError(f"temporal_guidance={self.temporal_guidance}: must be >= 0 (0 turns it off)")
         if not 0.0 <= self.temporal_guidance_start <= 1.0:
             raise ValueError(f"temporal_guidance_start={self.temporal_guidance_start}: must be in [0, 1]")
+        check_zero_init_steps(self.zero_init_steps, sampler=self.sampler, steps=self.steps)
         if self.eta < 0:
             raise ValueError(f"eta={self.eta}: must be >= 0")
         if self.spacing not in SPACINGS:

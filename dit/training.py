@@ -176,5 +176,7 @@ def pipeline_config(cfg: TrainConfig) -> PipelineConfig:
                                   sampler="euler" if cfg.diffusion.process == "flow" else "ddim",
                                   steps=cfg.sample_defaults.steps, guidance_scale=cfg.sample_defaults.guidance_scale,
                                   temporal_guidance=cfg.sample_defaults.temporal_guidance,
-                                  temporal_guidance_start=cfg.sample_defaults.temporal_guidance_start)
+                                  temporal_guidance_start=cfg.sample_defaults.temporal_guidance_start,
+                                  cfg_zero_star=cfg.sample_defaults.cfg_zero_star,
+                                  zero_init_steps=cfg.sample_defaults.zero_init_steps)
     return PipelineConfig(diffusion=cfg.diffusion, text_encoder=cfg.text_encoder, defaults=defaults)

@@ -143,6 +143,7 @@ def test_prompts_file_with_mixed_options(model_dir, media, tmp_path):
     (["--sampler", "ddim"], "use one of ['euler', 'euler_a', 'heun']"),
     (["--temporal-guidance", "-1"], "temporal_guidance=-1.0: must be >= 0"),
     (["--temporal-guidance-start", "2"], "temporal_guidance_start=2.0: must be in"),
+    (["--zero-init-steps", "5"], "zero_init_steps=5: must be below steps=2"),
 ])
 def test_bad_input_exits_2_naming_the_problem_and_leaves_no_file(model_dir, media, tmp_path, capsys, args, message):
     out = tmp_path / "out"

@@ -222,6 +222,9 @@ def test_resolve_fills_defaults_and_is_idempotent(pipe):
     ({"mode": "nope"}, "mode='nope'"),
     ({"temporal_guidance": -0.5}, "temporal_guidance=-0.5: must be >= 0"),
     ({"temporal_guidance_start": 1.2}, "temporal_guidance_start=1.2: must be in"),
+    ({"zero_init_steps": -1}, "zero_init_steps=-1: must be >= 0"),
+    ({"zero_init_steps": 1, "sampler": "ddim"}, "zero_init_steps=1: a zero-velocity step needs a flow sampler"),
+    ({"zero_init_steps": 4, "steps": 4}, "zero_init_steps=4: must be below steps=4"),
 ])
 def test_bad_requests_name_the_field(options, message):
     with pytest.raises(InvalidRequest, match=message):
@@ -253,6 +256,20 @@ def test_temporal_guidance_start_guides_the_later_steps_only(pipe):
     assert not torch.allclose(late.latents, plain.latents) and not torch.allclose(late.latents, every.latents)
 
 
+def test_cfg_zero_star_settings_come_from_the_defaults_and_change_the_clip(pipe):
+    """Off in a pipeline.json that does not name them; a request turns each on, and each moves the clip.
+    zero_init_steps is checked against the steps the request resolves to (the model's 2 here)."""
+    resolved = pipe.resolve(GenerationRequest(prompt="x"))
+    assert (resolved.cfg_zero_star, resolved.zero_init_steps) == (False, 0)
+    plain = generate(pipe, seed=3)
+    scaled = generate(pipe, seed=3, cfg_zero_star=True)
+    zeroed = generate(pipe, seed=3, zero_init_steps=1)
+    assert (scaled.request.cfg_zero_star, zeroed.request.zero_init_steps) == (True, 1)
+    assert not torch.allclose(scaled.latents, plain.latents) and not torch.allclose(zeroed.latents, plain.latents)
+    with pytest.raises(InvalidRequest, match="zero_init_steps=2: must be below steps=2"):
+        pipe.resolve(GenerationRequest(prompt="x", zero_init_steps=2))
+
+
 def test_pipeline_json_round_trips_and_rejects_unknown_keys(model_dir):
     config = read_pipeline_config(model_dir)
     assert PipelineConfig.from_json_dict(config.to_json_dict()) == config
@@ -260,5 +277,10 @@ def test_pipeline_json_round_trips_and_rejects_unknown_keys(model_dir):
     older = {k: v for k, v in config.to_json_dict().items() if not k.startswith("temporal_guidance")}
     assert PipelineConfig.from_json_dict(older).defaults.temporal_guidance == 0.0
     assert PipelineConfig.from_json_dict(older).defaults.temporal_guidance_start == 0.0
+    configured = {**config.to_json_dict(), "cfg_zero_star": True, "zero_init_steps": 1}
+    assert PipelineConfig.from_json_dict(configured).defaults.zero_init_steps == 1
+    assert PipelineConfig.from_json_dict(configured).defaults.cfg_zero_star
+    with pytest.raises(ValueError, match="zero_init_steps=2: must be below steps=2"):
+        PipelineConfig.from_json_dict({**configured, "zero_init_steps": 2})
     with pytest.raises(ValueError, match="unknown keys"):
         PipelineConfig.from_json_dict({**config.to_json_dict(), "stepz": 3})

@@ -8,7 +8,15 @@ import torch
 from bench.sampling import GaussianMixture, analytic_model
 from dit.conditioning import image_to_video, inpaint
 from dit.diffusion import DDPM, FlowMatching
-from dit.sampling import SamplerConfig, ddpm_timesteps, euler_step, flow_ancestral_step, sample, time_grid
+from dit.sampling import (
+    SamplerConfig,
+    ddpm_timesteps,
+    euler_step,
+    flow_ancestral_step,
+    optimized_scale,
+    sample,
+    time_grid,
+)
 
 B, C, T, H, W = 2, 4, 3, 4, 4
 
@@ -598,3 +606,104 @@ def test_temporal_guidance_of_a_self_conditioned_model_reads_the_conditional_est
     for (_, both), (_, local) in zip(calls[0::2], calls[1::2], strict=True):
         assert torch.equal(local, both[:B])  # the [cond; uncond] batch's conditional half
     assert not torch.equal(calls[3][1], calls[1][1])  # and it moves from step to step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CFG-Zero*
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_optimized_scale_projects_uncond_onto_cond_per_sample():
+    """s* is the least-squares scale: 1 for equal predictions, 1/k for uncond = k cond, and cond - s* uncond
+    is orthogonal to uncond in every sample."""
+    cond, other = _noise(seed=1), _noise(seed=2)
+    assert torch.allclose(optimized_scale(cond, cond), torch.ones(B, 1, 1, 1, 1))
+    k = torch.tensor([2.0, -0.5]).view(B, 1, 1, 1, 1)
+    assert torch.allclose(optimized_scale(cond, k * cond), 1 / k)
+    scale = optimized_scale(cond, other)
+    assert scale.shape == (B, 1, 1, 1, 1)
+    residual = ((cond - scale * other) * other).flatten(1).sum(1)  # (B,)
+    assert torch.allclose(residual, torch.zeros(B), atol=1e-4)
+
+
+def test_cfg_zero_star_does_not_push_away_from_an_uncond_prediction_parallel_to_cond():
+    """A model whose unconditional velocity is its conditional one times a per-sample factor: plain CFG
+    scales the velocity by k + w (1 - k), CFG-Zero* leaves nothing to guide away from and samples exactly as
+    the conditional model alone, at any scale."""
+    text, text_mask = _text()
+    neg_text, neg_mask = _text(seed=1)
+    neg_text = neg_text + torch.tensor([1.0, -2.0]).view(B, 1, 1)  # a different factor in each sample
+
+    def model(x, t, text, text_mask):
+        pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)  # (B, Dt)
+        factor = 1.0 + pooled.mean(1).abs().reshape(-1, 1, 1, 1, 1)  # the prompt sets the scale
+        return factor * (0.9 * x + 0.001 * t.float().reshape(-1, 1, 1, 1, 1))
+
+    options = dict(process=FlowMatching(shift=2.0), sampler="euler", steps=4, text=text, text_mask=text_mask,
+                   neg_text=neg_text, neg_mask=neg_mask, progress=False)
+    alone = sample(model, _noise(), **{**options, "guidance_scale": 1.0})
+    for scale in (3.0, 7.0):
+        zero_star = sample(model, _noise(), guidance_scale=scale, cfg_zero_star=True, **options)
+        torch.testing.assert_close(zero_star, alone, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(sample(model, _noise(), guidance_scale=scale, **options), alone, atol=1e-3)
+    same = dict(options, neg_text=text, neg_mask=text_mask)  # cond == uncond: s* = 1, plain CFG
+    torch.testing.assert_close(sample(model, _noise(), guidance_scale=3.0, cfg_zero_star=True, **same),
+                               sample(model, _noise(), guidance_scale=3.0, **same))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "euler_a"])
+def test_zero_init_steps_leave_the_noise_as_it_is_and_then_sample_from_it(sampler):
+    """The first n steps keep x bit-identical to the noise and call no model (one that is not self-
+    conditioned); the run goes on from there. n counts the full grid, v2v's skipped steps included."""
+    text, text_mask = _text()
+    calls, states = [], []
+
+    def model(x, t, text, text_mask):
+        calls.append(float(t.flatten()[0]))
+        return _toy_model(x, t, text, text_mask)
+
+    def run(**extra):
+        calls.clear()
+        states.clear()
+        out = sample(model, _noise(), process=FlowMatching(shift=2.0), sampler=sampler, steps=4, text=text,
+                     text_mask=text_mask, generator=torch.Generator().manual_seed(0), progress=False,
+                     callback=lambda index, t, x: states.append((t, x.clone())), **extra)  # fmt: skip
+        return out, list(calls), list(states)
+
+    grid = time_grid(FlowMatching(shift=2.0), 4)
+    plain, plain_calls, _ = run()
+    zeroed, zeroed_calls, zeroed_states = run(zero_init_steps=2)
+    assert [t for t, _ in zeroed_states] == grid[:4]
+    assert all(torch.equal(x, _noise()) for _, x in zeroed_states[:2])
+    assert not torch.equal(zeroed_states[2][1], _noise())
+    assert min(zeroed_calls) <= grid[2] < grid[1] < max(plain_calls)  # no call at steps 0 and 1
+    assert not torch.allclose(zeroed, plain)
+    _, v2v_calls, _ = run(init_latents=_noise(seed=5), strength=0.5, zero_init_steps=2)
+    _, v2v_plain, _ = run(init_latents=_noise(seed=5), strength=0.5)
+    assert v2v_calls == v2v_plain  # the run starts at step 2: nothing left to zero
+
+
+def test_zero_init_steps_keep_a_self_conditioned_models_estimate_and_refuse_what_cannot_work():
+    """A zeroed step still calls a self-conditioned model (x unchanged), so the next step reads a real
+    estimate rather than zeros. DDPM samplers have no zero-velocity step, and n must leave steps to run."""
+    text, text_mask = _text()
+    seen = []
+
+    def model(x, t, text, text_mask, x0_prev):
+        seen.append((x.clone(), x0_prev.clone()))
+        return _toy_model(x, t, text, text_mask) + 0.1 * x0_prev
+
+    sample(model, _noise(), process=FlowMatching(), sampler="euler", steps=3, text=text, text_mask=text_mask,
+           progress=False, self_cond=True, zero_init_steps=1)  # fmt: skip
+    assert len(seen) == 3
+    assert torch.equal(seen[0][0], _noise()) and torch.equal(seen[1][0], _noise())  # step 0 left x as it was
+    assert not seen[0][1].any() and seen[1][1].abs().sum() > 0  # step 1 reads step 0's estimate
+    options = dict(text=text, text_mask=text_mask, progress=False)
+    with pytest.raises(ValueError, match="zero_init_steps=1: a zero-velocity step needs a flow sampler"):
+        sample(_toy_model, _noise(), process=DDPM(), sampler="ddim", steps=3, zero_init_steps=1, **options)
+    with pytest.raises(ValueError, match="zero_init_steps=3: must be below steps=3"):
+        sample(_toy_model, _noise(), process=FlowMatching(), sampler="euler", steps=3, zero_init_steps=3, **options)
+    with pytest.raises(ValueError, match="zero_init_steps=-1: must be >= 0"):
+        SamplerConfig(zero_init_steps=-1)
+    with pytest.raises(ValueError, match="needs a flow sampler"):
+        SamplerConfig.from_preset("ddim", zero_init_steps=1)

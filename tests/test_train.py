@@ -300,13 +300,15 @@ def test_decoded_cache_setting_is_read_and_checked():
 @pytest.mark.parametrize(("override", "message"), [
     ("sample_defaults.temporal_guidance=-1", r"sample_defaults.temporal_guidance=-1.0: must be >= 0"),
     ("sample_defaults.temporal_guidance_start=1.5", r"sample_defaults.temporal_guidance_start=1.5: must be in \[0, 1\]"),
+    ("sample_defaults.zero_init_steps=50", r"sample_defaults.zero_init_steps=50: must be in \[0, steps\) \(steps=50"),
+    ("sample_defaults.zero_init_steps=1 diffusion.process=ddpm", "zero-velocity step needs diffusion.process='flow'"),
 ])
 def test_bad_sample_defaults_are_refused_before_a_run_starts(override, message):
     from config import ConfigError
     from train import TrainConfig
 
     with pytest.raises(ConfigError, match=message):
-        load_config(TrainConfig, ROOT / "configs/demo/recipe-dit.yaml", overrides=[override])
+        load_config(TrainConfig, ROOT / "configs/demo/recipe-dit.yaml", overrides=override.split())
 
 
 def test_nonfinite_losses_are_skipped_counted_and_leave_the_weights_untouched(tmp_path):

@@ -61,7 +61,7 @@ def test_dit_loss_falls_and_export_holds_the_ema_weights(world, tmp_path):
         "steps=20", "optim.lr=1e-2", "optim.warmup_steps=3", "ema.decay=0.9", "data.caption_dropout=0.1",
         "dit.text_dim=64", "dit.in_channels=4", "dit.out_channels=4", "diffusion.process=ddpm",
         "sample_defaults.steps=12", "sample_defaults.guidance_scale=2.5", "sample_defaults.temporal_guidance=0.5",
-        "sample_defaults.temporal_guidance_start=0.25", *BUCKETS, *QUIET])
+        "sample_defaults.temporal_guidance_start=0.25", "sample_defaults.cfg_zero_star=true", *BUCKETS, *QUIET])
     trainer = Trainer(cfg, build_task(cfg))
     stream = trainer.task.batches(dp_rank=0, dp_size=1)
     probe = [next(stream) for _ in range(3)]
@@ -83,6 +83,7 @@ def test_dit_loss_falls_and_export_holds_the_ema_weights(world, tmp_path):
     assert pipeline.diffusion == cfg.diffusion
     assert (pipeline.defaults.steps, pipeline.defaults.guidance_scale, pipeline.defaults.sampler) == (12, 2.5, "ddim")
     assert (pipeline.defaults.temporal_guidance, pipeline.defaults.temporal_guidance_start) == (0.5, 0.25)
+    assert (pipeline.defaults.cfg_zero_star, pipeline.defaults.zero_init_steps) == (True, 0)
     assert (out / "vae" / "model.safetensors").read_bytes() == (world["vae"] / "model.safetensors").read_bytes()
     DiT.from_pretrained(out / "dit")  # generate.py's loader accepts the folder
 
