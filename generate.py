@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="temporal guidance only from this share of the steps on, in [0, 1]: 0 every step, "
                                "0.5 the less noisy half (half the extra calls)")
     sampling.add_argument("--cfg-zero-star", action=argparse.BooleanOptionalAction, default=None,
-                          help="CFG-Zero*: scale the unconditional prediction to the conditional one's direction "
+                          help="CFG-Zero*: scale the unconditional prediction to best match the conditional one "
                                "before guidance (--no-cfg-zero-star: plain CFG; default: the model's)")
     sampling.add_argument("--zero-init-steps", type=int, default=None,
                           help="flow samplers: leave the noise as it is for this many first steps (CFG-Zero*'s "

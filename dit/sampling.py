@@ -16,11 +16,12 @@ run, after the layout is drawn: the demo model gains nothing from the noisier ha
 draws within the noise of every step in 5/6 of the time (docs/demo.md, session 29).
 
 CFG-Zero* (Fan et al. 2025), for flow models and any guided model: `cfg_zero_star` scales the unconditional
-prediction by s* = <cond, uncond> / |uncond|^2 per sample before guidance, s* uncond + w (cond - s* uncond),
-so guidance pushes away only from the part of the unconditional prediction the conditional one does not
-share (s* = 1 gives plain CFG); `zero_init_steps` n leaves x as the noise for the first n steps of the grid,
-whose velocity is the least accurate (a flow sampler's step with zero velocity). The demo model gains seen
-shapes with both (docs/demo.md, session 32).
+prediction by s* = <cond, uncond> / |uncond|^2 per sample (over the generated positions) before guidance:
+s* uncond + w (cond - s* uncond) = cond + (w - 1) (cond - s* uncond), so guidance amplifies only the part of
+the conditional prediction that the unconditional one does not explain (s* = 1 gives plain CFG).
+`zero_init_steps` n leaves x as the noise for the first n steps of the grid, whose velocity is the least
+accurate (a flow sampler's step with zero velocity). On the demo model both together read within the noise
+of plain CFG (docs/demo.md, session 32).
 
 Time grids (model timesteps, descending, ending at a terminal value that is never evaluated):
   ddpm / ddim: DDPM step indices, 'leading' (0, k, 2k, ... reversed, k = T // steps) or 'trailing'
@@ -209,8 +210,12 @@ def rescale_guidance(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * matched + (1 - rescale) * guided
 
 
-def optimized_scale(cond: Tensor, uncond: Tensor) -> Tensor:
-    """CFG-Zero*'s s* (B, 1, ..., 1): per sample, the scale of `uncond` nearest `cond`, <cond, uncond> / |uncond|^2."""
+def optimized_scale(cond: Tensor, uncond: Tensor, where: Tensor | None = None) -> Tensor:
+    """CFG-Zero*'s s* (B, 1, ..., 1): per sample, the scale of `uncond` nearest `cond`, <cond, uncond> / |uncond|^2,
+    over the positions `where` (bool, broadcast to cond's shape) is true; None: all of them."""
+    if where is not None:
+        keep = where.expand_as(cond)
+        cond, uncond = cond * keep, uncond * keep
     c, u = cond.flatten(1), uncond.flatten(1)  # (B, N)
     scale = (c * u).sum(1) / u.square().sum(1).clamp_min(torch.finfo(u.dtype).tiny)  # (B,)
     return scale.view(-1, *[1] * (cond.ndim - 1))
@@ -247,10 +252,13 @@ class _Denoiser:
     """A self-conditioned model's last clean-latent estimate, per stacked copy; None before the first call."""
     both_mask: Tensor | None = field(init=False, default=None)
     """cond_mask for the [cond; uncond] batch of a guided call: both copies condition the same positions."""
+    generated: Tensor | None = field(init=False, default=None)
+    """(B, 1, T', H', W') true where the sample is generated (not conditioned); None: everywhere."""
 
     def __post_init__(self) -> None:
         if self.cond_mask is not None:
             self.both_mask = torch.cat([self.cond_mask, self.cond_mask])
+            self.generated = ~position_mask(self.cond_mask)
 
     def __call__(self, x: Tensor, t_value: float, temporal: bool = True) -> Tensor:
         """The guided prediction at x; `temporal` False skips temporal guidance for this call."""
@@ -278,7 +286,8 @@ class _Denoiser:
             # Converted before they mix: guidance combines velocities (for rescale, which compares stds, it matters).
             cond, uncond = (self.process.as_target(part, x, t) for part in both.chunk(2))  # (B, C, T', H', W') each
             if self.cfg_zero_star:
-                uncond = optimized_scale(cond, uncond) * uncond
+                # Fitted where the sample is generated: conditioned positions are written back after the step.
+                uncond = optimized_scale(cond, uncond, self.generated) * uncond
             pred = uncond + self.guidance_scale * (cond - uncond)
         if temporal and self.temporal_guidance != 0 and x.shape[2] > self.patch_size[0]:  # one token frame: nothing to keep apart
             weak = self._frame_local(x, t, t_model, previous)  # (B, C, T', H', W')

@@ -615,7 +615,7 @@ def test_temporal_guidance_of_a_self_conditioned_model_reads_the_conditional_est
 
 def test_optimized_scale_projects_uncond_onto_cond_per_sample():
     """s* is the least-squares scale: 1 for equal predictions, 1/k for uncond = k cond, and cond - s* uncond
-    is orthogonal to uncond in every sample."""
+    is orthogonal to uncond in every sample; fitted over the positions given, the rest ignored."""
     cond, other = _noise(seed=1), _noise(seed=2)
     assert torch.allclose(optimized_scale(cond, cond), torch.ones(B, 1, 1, 1, 1))
     k = torch.tensor([2.0, -0.5]).view(B, 1, 1, 1, 1)
@@ -624,12 +624,18 @@ def test_optimized_scale_projects_uncond_onto_cond_per_sample():
     assert scale.shape == (B, 1, 1, 1, 1)
     residual = ((cond - scale * other) * other).flatten(1).sum(1)  # (B,)
     assert torch.allclose(residual, torch.zeros(B), atol=1e-4)
+    where = torch.zeros(B, 1, T, H, W, dtype=torch.bool)
+    where[:, :, 1:] = True  # the first latent frame conditioned: what it holds must not count
+    moved = other.clone()
+    moved[:, :, 0] = 100.0
+    torch.testing.assert_close(optimized_scale(cond, moved, where), optimized_scale(cond[:, :, 1:], other[:, :, 1:]))
 
 
 def test_cfg_zero_star_does_not_push_away_from_an_uncond_prediction_parallel_to_cond():
     """A model whose unconditional velocity is its conditional one times a per-sample factor: plain CFG
     scales the velocity by k + w (1 - k), CFG-Zero* leaves nothing to guide away from and samples exactly as
-    the conditional model alone, at any scale."""
+    the conditional model alone, at any scale; with an image condition, whatever the model predicts at the
+    conditioned frame does not enter s*."""
     text, text_mask = _text()
     neg_text, neg_mask = _text(seed=1)
     neg_text = neg_text + torch.tensor([1.0, -2.0]).view(B, 1, 1)  # a different factor in each sample
@@ -637,7 +643,7 @@ def test_cfg_zero_star_does_not_push_away_from_an_uncond_prediction_parallel_to_
     def model(x, t, text, text_mask):
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)  # (B, Dt)
         factor = 1.0 + pooled.mean(1).abs().reshape(-1, 1, 1, 1, 1)  # the prompt sets the scale
-        return factor * (0.9 * x + 0.001 * t.float().reshape(-1, 1, 1, 1, 1))
+        return factor * (0.9 * x + 0.001 * t.float().reshape(t.shape[0], -1).mean(1).reshape(-1, 1, 1, 1, 1))
 
     options = dict(process=FlowMatching(shift=2.0), sampler="euler", steps=4, text=text, text_mask=text_mask,
                    neg_text=neg_text, neg_mask=neg_mask, progress=False)
@@ -646,6 +652,19 @@ def test_cfg_zero_star_does_not_push_away_from_an_uncond_prediction_parallel_to_
         zero_star = sample(model, _noise(), guidance_scale=scale, cfg_zero_star=True, **options)
         torch.testing.assert_close(zero_star, alone, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(sample(model, _noise(), guidance_scale=scale, **options), alone, atol=1e-3)
+    def conditioned_model(x, t, text, text_mask):
+        """The same, plus a prompt-dependent term on the first latent frame alone, so the two predictions are
+        parallel only where the sample is generated."""
+        pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)  # (B, Dt)
+        first = torch.zeros_like(x)
+        first[:, :, 0] = 5.0 * pooled.mean(1).reshape(-1, 1, 1, 1)
+        return model(x, t, text, text_mask) + first
+
+    condition = image_to_video(_noise(seed=3)[:, :, :1], latent_frames=T)
+    i2v = dict(options, cond_latents=condition.latents, cond_mask=condition.mask)
+    torch.testing.assert_close(sample(conditioned_model, _noise(), guidance_scale=5.0, cfg_zero_star=True, **i2v),
+                               sample(conditioned_model, _noise(), **{**i2v, "guidance_scale": 1.0}),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
     same = dict(options, neg_text=text, neg_mask=text_mask)  # cond == uncond: s* = 1, plain CFG
     torch.testing.assert_close(sample(model, _noise(), guidance_scale=3.0, cfg_zero_star=True, **same),
                                sample(model, _noise(), guidance_scale=3.0, **same))
