@@ -96,6 +96,21 @@ def test_from_json_makes_the_same_output_again(model_dir, tmp_path):
         json.loads(image.with_suffix(".json").read_text())["request"]
 
 
+def test_cfg_zero_star_flags_reach_the_sidecar_and_the_command_line_turns_them_off(model_dir, tmp_path):
+    """--cfg-zero-star and --zero-init-steps are recorded; over a sidecar that has them on,
+    --no-cfg-zero-star and --zero-init-steps 0 win (command line over --from-json)."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    argv = ["a blue square", "--model", str(model_dir), "--mode", "t2i", "--quiet"]
+    assert generate.main([*argv, "--cfg-zero-star", "--zero-init-steps", "1", "--out", str(on)]) == 0
+    (sidecar,) = on.glob("*.json")
+    request = json.loads(sidecar.read_text())["request"]
+    assert (request["cfg_zero_star"], request["zero_init_steps"]) == (True, 1)
+    assert generate.main(["--from-json", str(sidecar), "--no-cfg-zero-star", "--zero-init-steps", "0",
+                          "--out", str(off), "--quiet"]) == 0
+    request = json.loads(next(off.glob("*.json")).read_text())["request"]
+    assert (request["cfg_zero_star"], request["zero_init_steps"]) == (False, 0)
+
+
 def test_prompt_option_equals_positional_prompt(model_dir, tmp_path):
     common = ["--model", str(model_dir), "--mode", "t2i", "--seed", "5", "--quiet"]
     assert generate.main(["a red circle", *common, "--out", str(tmp_path / "pos")]) == 0
