@@ -147,7 +147,7 @@ class GenerationRequest:
         if self.temporal_guidance_start is not None and not 0 <= self.temporal_guidance_start <= 1:
             raise InvalidRequest(f"temporal_guidance_start={self.temporal_guidance_start}: must be in [0, 1] "
                                  "(the share of the steps before temporal guidance starts)")
-        if self.zero_init_steps is not None:
+        if self.zero_init_steps is not None:  # against the sampler and steps too once resolved (replace re-runs this)
             _check_zero_init(self.zero_init_steps, sampler=self.sampler, steps=self.steps)
         if self.shift is not None and not self.shift > 0:
             raise InvalidRequest(f"shift={self.shift}: must be > 0")
@@ -380,7 +380,6 @@ def resolve_request(request: GenerationRequest, *, defaults: GenerationDefaults,
         cfg_zero_star=r.cfg_zero_star if r.cfg_zero_star is not None else defaults.cfg_zero_star,
         zero_init_steps=r.zero_init_steps if r.zero_init_steps is not None else defaults.zero_init_steps,
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else defaults.negative_prompt)
-    _check_zero_init(resolved.zero_init_steps, sampler=resolved.sampler, steps=resolved.steps)
     _check_condition_fits(resolved, rules)
     return resolved
 
